@@ -1,0 +1,247 @@
+"""The ``lmlab`` command tree.
+
+Every leaf is one row of :data:`COMMANDS`: its words, the ``module:function`` that runs it, the ``module:Class``
+of its config dataclass, a one-line help and the config fields taken as positional arguments. Modules are
+imported only when their leaf runs (or its ``--help`` is asked for), so ``lmlab --help`` imports neither torch
+nor transformers.
+
+A leaf accepts::
+
+    lmlab <words> [POSITIONAL ...] [-c FILE.yaml] [--field VALUE ...] [key.sub=value ...]
+
+resolved as defaults -> ``-c`` file -> ``--field`` flags -> ``key=value`` overrides (see :mod:`lmlab.config`).
+A leaf function returns the run directory (printed) or a text to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmlab import __version__
+
+
+@dataclass(frozen=True)
+class Leaf:
+    words: str
+    target: str
+    config: str
+    help: str
+    positional: tuple[str, ...] = ()
+
+
+COMMANDS: list[Leaf] = [
+    Leaf("tour", "lmlab.tour:main", "lmlab.tour:TourConfig",
+         "run every capability on the embedded default and write one HTML report"),
+    Leaf("zoo train", "lmlab.core.zoo:train_main", "lmlab.core.zoo:ZooTrainConfig",
+         "train a reference tiny model (dense, mamba) on the built-in corpus", ("name",)),
+    Leaf("zoo list", "lmlab.core.zoo:list_main", "lmlab.core.zoo:ZooListConfig",
+         "list reference models (shipped and cached)"),
+    Leaf("train lm", "lmlab.core.pretrain:main", "lmlab.core.pretrain:PretrainConfig",
+         "causal-LM pretraining of any HF model config on a corpus"),
+    Leaf("eval ppl", "lmlab.core.metrics:main", "lmlab.core.metrics:PerplexityConfig",
+         "perplexity and bits-per-byte of a model on corpus domains", ("model",)),
+    Leaf("report", "lmlab.core.report:main", "lmlab.core.report:ReportConfig",
+         "build a static single-file report.html from run directories", ("runs",)),
+]
+
+GROUP_HELP = {
+    "zoo": "reference tiny models",
+    "train": "training (causal LM, MoE, AnyGPT)",
+    "eval": "evaluation",
+    "config": "show documented default configs",
+    "data": "data mixing laws, comment augmentation",
+    "reason": "reasoning by search and learning",
+    "compress": "BitStack, rank-k, quantisation",
+    "interp": "SAEs, similarity, circuits",
+}
+
+log = logging.getLogger("lmlab")
+
+
+def _import(spec: str) -> Any:
+    mod, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _children(prefix: tuple[str, ...]) -> dict[str, str]:
+    """Next words below ``prefix`` -> help (a leaf's help or the group's)."""
+    out: dict[str, str] = {}
+    for leaf in COMMANDS:
+        w = tuple(leaf.words.split())
+        if w[: len(prefix)] == prefix and len(w) > len(prefix):
+            nxt = w[len(prefix)]
+            out.setdefault(nxt, leaf.help if len(w) == len(prefix) + 1 else GROUP_HELP.get(nxt, ""))
+    if not prefix:
+        out.setdefault("config", GROUP_HELP["config"])
+    return out
+
+
+def _group_help(prefix: tuple[str, ...]) -> str:
+    name = " ".join(("lmlab",) + prefix)
+    kids = _children(prefix)
+    width = max(len(k) for k in kids) + 2
+    lines = [f"usage: {name} <command> [args] [-h]", ""]
+    if not prefix:
+        lines += ["lmlab: ten LLM research methods on tiny reference models or any HF causal LM.", ""]
+    lines.append("commands:")
+    lines += [f"  {k.ljust(width)}{v}" for k, v in sorted(kids.items())]
+    lines += ["", f"Run '{name} <command> --help' for a command's options."]
+    if not prefix:
+        lines += ["Common leaf flags: -c FILE.yaml, key.sub=value, --out, --device, --dtype, --seed, --threads.",
+                  f"lmlab {__version__}"]
+    return "\n".join(lines)
+
+
+def _field_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _leaf_parser(leaf: Leaf, cfg_cls: type) -> argparse.ArgumentParser:
+    from lmlab.config import field_docs
+
+    docs = field_docs(cfg_cls)
+    defaults = cfg_cls()
+    p = argparse.ArgumentParser(
+        prog=f"lmlab {leaf.words}",
+        description=f"{leaf.help}.\n\nValues resolve as defaults -> -c FILE -> --flags -> key.sub=value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config (see 'lmlab config show %s')" % leaf.words)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    pos_help = " ".join(n.upper() for n in leaf.positional)
+    p.add_argument("args", nargs="*", metavar=(pos_help + " " if pos_help else "") + "KEY=VALUE",
+                   help="positional " + (pos_help or "(none)") + ", then key.sub=value overrides")
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        default = getattr(defaults, f.name)
+        doc = docs.get(f.name, "")
+        if dataclasses.is_dataclass(default):
+            continue  # nested sections: key.sub=value only
+        if hints[f.name] is bool:
+            p.add_argument(_field_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=f"{doc} (default: {default})")
+        else:
+            p.add_argument(_field_flag(f.name), dest=f.name, metavar="V", default=None,
+                           help=f"{doc} (default: {default!r})".replace("%", "%%"))
+    return p
+
+
+def _split_positional(leaf: Leaf, cfg_cls: type, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    import re
+
+    over = [a for a in args if re.match(r"^[A-Za-z_][\w.\-]*=", a)]
+    pos = [a for a in args if a not in over]
+    hints = typing.get_type_hints(cfg_cls)
+    values: dict[str, Any] = {}
+    for name in leaf.positional:
+        if not pos:
+            break
+        origin = typing.get_origin(hints[name])
+        if origin in (list, tuple):
+            values[name], pos = list(pos), []
+        else:
+            values[name] = pos.pop(0)
+    if pos:
+        raise SystemExit(f"lmlab {leaf.words}: error: unexpected argument(s): {' '.join(pos)}")
+    return values, over
+
+
+def _config_show(words: list[str]) -> int:
+    from lmlab.config import dump_yaml
+
+    key = " ".join(w for w in words if not w.startswith("-"))
+    leaf = next((c for c in COMMANDS if c.words == key), None)
+    if leaf is None or any(w in ("-h", "--help") for w in words):
+        print("usage: lmlab config show <command words>\n\ncommands:\n  " + "\n  ".join(c.words for c in COMMANDS))
+        return 0 if leaf is None and any(w in ("-h", "--help") for w in words) else (0 if leaf else 2)
+    print(dump_yaml(_import(leaf.config)(), with_docs=True), end="")
+    return 0
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_leaf(leaf: Leaf, argv: list[str]) -> int:
+    from lmlab.config import ConfigError, resolve
+    from lmlab.errors import LmlabError
+
+    prog = f"lmlab {leaf.words}"
+    try:
+        cfg_cls = _import(leaf.config)
+        parser = _leaf_parser(leaf, cfg_cls)
+        ns = parser.parse_args(argv)
+        flags = {k: v for k, v in vars(ns).items()
+                 if k not in ("config", "verbose", "quiet", "args") and v is not None}
+        import yaml
+
+        for k, v in list(flags.items()):
+            if isinstance(v, str):
+                try:
+                    flags[k] = yaml.safe_load(v) if v.strip() else v
+                except yaml.YAMLError:
+                    pass
+        pos, overrides = _split_positional(leaf, cfg_cls, ns.args)
+        cfg = resolve(cfg_cls, ns.config, overrides, extra={**pos, **flags})
+        _setup_logging(ns.verbose, ns.quiet)
+        result = _import(leaf.target)(cfg)
+    except (LmlabError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e) if isinstance(e, LmlabError) else f"{e.strerror or e}: {e.filename}" if getattr(
+            e, "filename", None) else str(e)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, Path):
+        print(result)
+    elif result is not None:
+        print(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"lmlab {__version__}")
+        return 0
+    if argv[:1] == ["config"]:
+        if argv[1:2] == ["show"]:
+            return _config_show(argv[2:])
+        print("usage: lmlab config show <command words>")
+        return 0 if any(a in ("-h", "--help") for a in argv) else 2
+    prefix: list[str] = []
+    rest = argv
+    while rest and not rest[0].startswith("-"):
+        cand = tuple(prefix + [rest[0]])
+        leaf = next((c for c in COMMANDS if tuple(c.words.split()) == cand), None)
+        if leaf is not None:
+            return run_leaf(leaf, rest[1:])
+        if rest[0] not in _children(tuple(prefix)):
+            print(f"lmlab: error: unknown command {' '.join(cand)!r}\n\n{_group_help(tuple(prefix))}",
+                  file=sys.stderr)
+            return 2
+        prefix.append(rest[0])
+        rest = rest[1:]
+    if rest and rest[0] not in ("-h", "--help"):
+        print(f"lmlab: error: unknown option {rest[0]!r}\n\n{_group_help(tuple(prefix))}", file=sys.stderr)
+        return 2
+    print(_group_help(tuple(prefix)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
