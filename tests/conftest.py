@@ -89,3 +89,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (only present in the project's CI checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus():
+    """A small real Corpus (~10 kB): two stdlib modules as code, docstrings/comments of three as prose,
+    60 math problems; val_fraction 0.1. Built in-process from lmlab.core.corpus (no cache, < 0.1 s)."""
+    from lmlab.core import corpus
+
+    root = corpus.stdlib_root()
+    files = [root / name for name in ("bisect.py", "colorsys.py", "heapq.py")]
+    docs = {
+        "code": corpus.code_docs(files[:2]),
+        "prose": corpus.prose_docs(files, topics=False),
+        "math": [p["text"] for p in corpus.math_problems(60, seed=0)],
+    }
+    return corpus.corpus_from_docs(docs, val_fraction=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_corpus):
+    """Byte-level BPE (vocab 300, specials <|endoftext|>=0, <|pad|>=1) trained on tiny_corpus's train split."""
+    from lmlab.core.tokenizer import train_bpe
+
+    return train_bpe(tiny_corpus.texts("train"), vocab_size=300)

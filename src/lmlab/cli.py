@@ -46,7 +46,7 @@ COMMANDS: list[Leaf] = [
          "list reference models (shipped and cached)"),
     Leaf("train lm", "lmlab.core.pretrain:main", "lmlab.core.pretrain:PretrainConfig",
          "causal-LM pretraining of any HF model config on a corpus"),
-    Leaf("eval ppl", "lmlab.core.metrics:main", "lmlab.core.metrics:PerplexityConfig",
+    Leaf("eval ppl", "lmlab.evaluate.perplexity:main", "lmlab.evaluate.perplexity:PerplexityConfig",
          "perplexity and bits-per-byte of a model on corpus domains", ("model",)),
     Leaf("report", "lmlab.core.report:main", "lmlab.core.report:ReportConfig",
          "build a static single-file report.html from run directories", ("runs",)),
@@ -100,6 +100,13 @@ def _group_help(prefix: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the contract for bad input), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _field_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -109,12 +116,12 @@ def _leaf_parser(leaf: Leaf, cfg_cls: type) -> argparse.ArgumentParser:
 
     docs = field_docs(cfg_cls)
     defaults = cfg_cls()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=f"lmlab {leaf.words}",
         description=f"{leaf.help}.\n\nValues resolve as defaults -> -c FILE -> --flags -> key.sub=value.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML config (see 'lmlab config show %s')" % leaf.words)
+    p.add_argument("-c", "--config", metavar="FILE", help=f"YAML config (see 'lmlab config show {leaf.words}')")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     pos_help = " ".join(n.upper() for n in leaf.positional)
@@ -151,7 +158,9 @@ def _split_positional(leaf: Leaf, cfg_cls: type, args: list[str]) -> tuple[dict[
         else:
             values[name] = pos.pop(0)
     if pos:
-        raise SystemExit(f"lmlab {leaf.words}: error: unexpected argument(s): {' '.join(pos)}")
+        from lmlab.errors import LmlabError
+
+        raise LmlabError(f"unexpected argument(s): {' '.join(pos)}")
     return values, over
 
 
@@ -160,9 +169,13 @@ def _config_show(words: list[str]) -> int:
 
     key = " ".join(w for w in words if not w.startswith("-"))
     leaf = next((c for c in COMMANDS if c.words == key), None)
-    if leaf is None or any(w in ("-h", "--help") for w in words):
-        print("usage: lmlab config show <command words>\n\ncommands:\n  " + "\n  ".join(c.words for c in COMMANDS))
-        return 0 if leaf is None and any(w in ("-h", "--help") for w in words) else (0 if leaf else 2)
+    usage = "usage: lmlab config show <command words>\n\ncommands:\n  " + "\n  ".join(c.words for c in COMMANDS)
+    if any(w in ("-h", "--help") for w in words):
+        print(usage)
+        return 0
+    if leaf is None:
+        print(f"lmlab config show: error: unknown command {key!r}\n\n{usage}", file=sys.stderr)
+        return 2
     print(dump_yaml(_import(leaf.config)(), with_docs=True), end="")
     return 0
 
@@ -176,24 +189,19 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def run_leaf(leaf: Leaf, argv: list[str]) -> int:
-    from lmlab.config import ConfigError, resolve
+    from lmlab.config import ConfigError, parse_override, resolve
     from lmlab.errors import LmlabError
 
     prog = f"lmlab {leaf.words}"
     try:
         cfg_cls = _import(leaf.config)
         parser = _leaf_parser(leaf, cfg_cls)
-        ns = parser.parse_args(argv)
+        ns = parser.parse_intermixed_args(argv)
         flags = {k: v for k, v in vars(ns).items()
                  if k not in ("config", "verbose", "quiet", "args") and v is not None}
-        import yaml
-
         for k, v in list(flags.items()):
-            if isinstance(v, str):
-                try:
-                    flags[k] = yaml.safe_load(v) if v.strip() else v
-                except yaml.YAMLError:
-                    pass
+            if isinstance(v, str):  # same parsing as key=value ("--name '#1'" stays text)
+                flags[k] = parse_override(f"{k}={v}")[1]
         pos, overrides = _split_positional(leaf, cfg_cls, ns.args)
         cfg = resolve(cfg_cls, ns.config, overrides, extra={**pos, **flags})
         _setup_logging(ns.verbose, ns.quiet)
@@ -206,9 +214,7 @@ def run_leaf(leaf: Leaf, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, Path):
-        print(result)
-    elif result is not None:
+    if isinstance(result, Path) or result is not None:
         print(result)
     return 0
 

@@ -58,7 +58,7 @@ class RunArgs:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # field documentation
 
 
@@ -85,7 +85,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
 
@@ -129,6 +129,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if tp is int and not isinstance(value, int):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is bool and not isinstance(value, bool):
@@ -154,6 +159,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _allows_none(tp: Any) -> bool:
+    if tp is Any or tp is type(None):
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (possibly nested) dict; unknown keys raise :class:`ConfigError`."""
     if not isinstance(data, dict):
@@ -172,6 +183,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         sub = _dataclass_type(tp)
         if sub is not None and isinstance(value, dict):
             kwargs[name] = from_dict(sub, value, prefix=f"{prefix}{name}.")
+        elif value is None and not _allows_none(tp) and fields[name].default is not None:
+            raise ConfigError(f"{prefix}{name}: expected {getattr(tp, '__name__', tp)}, got null")
+        elif sub is not None and not isinstance(value, sub) and value is not None:
+            raise ConfigError(f"{prefix}{name}: is a section (set {prefix}{name}.KEY=...), got {value!r}")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
     try:
@@ -221,6 +236,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    # YAML syntax the user did not mean: "note=#1" (a comment -> null), "prompt=Q: x" (a mapping) stay text
+    if (value is None and raw.strip() not in ("null", "Null", "NULL", "~")) or (
+        isinstance(value, dict) and not raw.lstrip().startswith("{")
+    ):
+        value = raw
     return key, value
 
 
@@ -231,6 +251,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not a UTF-8 text file: {e.reason} at byte {e.start}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -270,11 +292,17 @@ def dump_yaml(cfg: Any, with_docs: bool = False) -> str:
             v = getattr(obj, f.name)
             if f.name in docs:
                 lines.append(f"{pad}# {docs[f.name]}")
-            if dataclasses.is_dataclass(v):
+            if dataclasses.is_dataclass(v) and not dataclasses.fields(v):
+                lines.append(f"{pad}{f.name}: {{}}")
+            elif dataclasses.is_dataclass(v):
                 lines.append(f"{pad}{f.name}:")
                 lines.extend(emit(v, indent + 2))
             else:
-                text = yaml.safe_dump({f.name: to_dict(v)}, sort_keys=False, default_flow_style=None).rstrip()
+                val = to_dict(v)
+                # flow style only inside collections ("tags: [a, b]"); a scalar here stays block style, else
+                # PyYAML writes "{seed: 0}" and the concatenated lines no longer parse as one mapping
+                flow = None if isinstance(val, list | dict) else False
+                text = yaml.safe_dump({f.name: val}, sort_keys=False, default_flow_style=flow).rstrip()
                 lines.extend(pad + ln for ln in text.splitlines())
         return lines
 

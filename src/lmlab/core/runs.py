@@ -90,8 +90,8 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], meta: dict[str, Any]
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors":  # append, don't replace: "blocks.0.hook_resid_post" keeps its dots
+        path = path.with_name(path.name + ".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -225,7 +225,12 @@ def start_run(cfg: Any, command: str, *, device: Any = None, dtype: Any = None, 
     except OSError as e:
         raise RunError(f"cannot create run directory {path}: {e.strerror}") from None
     run = RunDir(path)
-    atomic_write(path / "config.yaml", dump_yaml(cfg))
+    try:
+        atomic_write(path / "config.yaml", dump_yaml(cfg))
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     run.meta = {
         "command": command,
         "status": "running",
@@ -249,7 +254,8 @@ def start_run(cfg: Any, command: str, *, device: Any = None, dtype: Any = None, 
         if created and not leftovers:
             shutil.rmtree(path, ignore_errors=True)
         else:
-            run.update_meta(status="failed", error=f"{type(e).__name__}: {e}", end_time=_now())
+            with contextlib.suppress(OSError):  # never mask the original error
+                run.update_meta(status="failed", error=f"{type(e).__name__}: {e}", end_time=_now())
         raise
     if not run.complete:
         run.finish({})

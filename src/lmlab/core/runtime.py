@@ -9,6 +9,8 @@ import random
 import numpy as np
 import torch
 
+from lmlab.errors import LmlabError
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -38,7 +40,9 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise LmlabError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LmlabError(f"device {name!r} requested but MPS is not available")
     return dev
 
 
