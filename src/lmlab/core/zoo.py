@@ -151,22 +151,17 @@ def token_streams(tok, data: str, max_bytes: int, seed: int = 0) -> tuple[np.nda
 
     Encoded streams are cached by (corpus hash, tokenizer hash); returns ``(train_ids, val_ids, meta)``.
     """
-    from lmlab.core.corpus import DOMAINS, cache_dir, encode_docs, load_source, load_tokens, save_tokens
+    from lmlab.core.corpus import cache_dir, encode_docs, load_tokens, save_tokens
 
-    names = [d.strip() for d in data.split(",") if d.strip()]
+    names = tuple(d.strip() for d in data.split(",") if d.strip())
+    if not names:
+        raise LmlabError("no training data given")
+    corpus = _corpus(names, max_bytes, seed)  # domains, paths and hf:NAME alike get the hash-based split
+    train_docs, val_docs, chash = corpus.texts("train"), corpus.texts("val"), corpus.hash
     eos = tok.eos_token_id
-    if names and all(n in DOMAINS for n in names):
-        corpus = _corpus(tuple(names), max_bytes, seed)
-        train_docs = [t for n in names for t in corpus.train[n]]
-        val_docs = [t for n in names for t in corpus.val[n]]
-        chash = corpus.hash
-    else:
-        docs = load_source(data)
-        n_val = max(1, len(docs) // 50)
-        train_docs, val_docs = docs[n_val:], docs[:n_val]
-        chash = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
-    if not train_docs:
-        raise LmlabError(f"no training text in {data!r}")
+    if not train_docs or not val_docs:
+        raise LmlabError(f"{data!r} has too little text for a train/val split ({len(train_docs)} train, "
+                         f"{len(val_docs)} val documents)")
     key = f"{chash}-{tokenizer_hash(tok)}"
     d = cache_dir() / "tokens" / key
     if (d / "train.npy").is_file() and (d / "val.npy").is_file():
