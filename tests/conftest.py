@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The whole session uses a private lmlab cache (corpus, tokens, user zoo): tests never read or write the user's
+# ~/.cache/lmlab. Set LMLAB_TEST_CACHE to reuse one cache across sessions (faster corpus builds).
+if os.environ.get("LMLAB_TEST_CACHE"):
+    os.environ["LMLAB_CACHE"] = os.environ["LMLAB_TEST_CACHE"]
+else:
+    os.environ["LMLAB_CACHE"] = tempfile.mkdtemp(prefix="lmlab-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LMLAB_CACHE"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -113,3 +125,53 @@ def tiny_tok(tiny_corpus):
     from lmlab.core.tokenizer import train_bpe
 
     return train_bpe(tiny_corpus.texts("train"), vocab_size=300)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny reference zoo in the private cache: ref:dense / ref:mamba resolve to it (the user zoo wins over shipped)
+
+TINY_ARCH = {
+    "dense": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 256},
+    "mamba": {"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "num_heads": 4, "expand": 2,
+              "state_size": 8, "n_groups": 1, "chunk_size": 16},
+}
+"""Overrides that shrink ``zoo.ARCHS[name](vocab)`` to test size (< 0.1 M params each)."""
+
+
+def make_tiny_ref(name: str, tok):
+    """A random-init reference architecture ``name`` shrunk by :data:`TINY_ARCH` (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.core import zoo
+
+    config = zoo.ARCHS[name](len(tok))
+    for k, v in {**TINY_ARCH[name], **zoo._special_ids(tok)}.items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def ref_zoo(tiny_tok) -> Path:
+    """Installs a tiny reference tokenizer (tiny_tok, vocab 300) and tiny random ``dense``/``mamba`` models
+    into the private cache's user zoo, laid out as ``lmlab zoo train`` installs them (model + tokenizer +
+    lmlab_card.json). Returns the zoo folder; ``ref:dense`` / ``ref:mamba`` then load these."""
+    from lmlab.core import zoo
+    from lmlab.core.models import n_params
+    from lmlab.core.tokenizer import save_tokenizer
+
+    root = zoo.user_zoo()
+    save_tokenizer(tiny_tok, root / "tokenizer")
+    for name in ("dense", "mamba"):
+        model = make_tiny_ref(name, tiny_tok)
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)
+        model.save_pretrained(out)
+        tiny_tok.save_pretrained(out)
+        info = {"name": name, "arch": type(model).__name__, "params": n_params(model), "steps": 0,
+                "train_tokens": 0, "seed": 0, "tokenizer_hash": zoo.tokenizer_hash(tiny_tok),
+                "val": {"math": {"loss": 5.7, "ppl": 300.0, "bpb": 3.0, "tokens": 1.0, "bytes": 1.0}},
+                "command": "tests/conftest.py ref_zoo (random init)"}
+        (out / zoo.CARD).write_text(json.dumps(info, indent=2) + "\n")
+    return root

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -189,10 +190,14 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def run_leaf(leaf: Leaf, argv: list[str]) -> int:
-    from lmlab.config import ConfigError, parse_override, resolve
+    from lmlab.config import ConfigError, RunArgs, parse_override, resolve
     from lmlab.errors import LmlabError
 
     prog = f"lmlab {leaf.words}"
+    if not ({"-v", "--verbose"} & set(argv)):  # library chatter off: lmlab's own logging and bars remain
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         cfg_cls = _import(leaf.config)
         parser = _leaf_parser(leaf, cfg_cls)
@@ -205,6 +210,10 @@ def run_leaf(leaf: Leaf, argv: list[str]) -> int:
         pos, overrides = _split_positional(leaf, cfg_cls, ns.args)
         cfg = resolve(cfg_cls, ns.config, overrides, extra={**pos, **flags})
         _setup_logging(ns.verbose, ns.quiet)
+        if isinstance(cfg, RunArgs) and cfg.out:  # a bad --out fails before any work (models, corpora)
+            from lmlab.core.runs import check_out
+
+            check_out(cfg.out)
         result = _import(leaf.target)(cfg)
     except (LmlabError, ConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         msg = str(e) if isinstance(e, LmlabError) else f"{e.strerror or e}: {e.filename}" if getattr(

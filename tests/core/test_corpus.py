@@ -450,3 +450,20 @@ def test_full_default_build_is_deterministic_and_cached(tmp_path):
     assert a.hash == b.hash and a.domains == ["code", "prose", "math"]
     assert a.stats["prose"]["train"]["bytes"] > 1_000_000
     assert t2 - t1 < (t1 - t0) / 3
+
+
+def test_hf_dataset_from_a_local_dataset_repo(tmp_path, monkeypatch):
+    """The real datasets.load_dataset path on a local dataset folder (what a hub repo clone looks like)."""
+    pytest.importorskip("datasets", reason="datasets not installed (pip install 'lmlab[datasets]')")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    repo = tmp_path / "my_dataset"
+    (repo / "data").mkdir(parents=True)
+    rows = [{"text": f"document number {i} about lists", "id": i} for i in range(6)] + [{"text": "", "id": 6}]
+    (repo / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = C.load_hf_dataset(str(repo), split="train")
+    assert docs == [r["text"] for r in rows[:6]]
+    assert C.load_source(f"hf:{repo}:train") == docs
+    with pytest.raises(LmlabError, match="no column 'body'"):
+        C.load_hf_dataset(str(repo), split="train", text_field="body")
+    with pytest.raises(LmlabError, match="could not load dataset"):
+        C.load_hf_dataset(str(tmp_path / "missing_dataset"))

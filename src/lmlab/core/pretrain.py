@@ -337,6 +337,8 @@ class PretrainConfig(RunArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.data.strip(" ,"):
+            raise ConfigError("data is empty: give corpus domains, a file or hf:NAME")
         if self.init not in ("scratch", "pretrained"):
             raise ConfigError(f"init must be scratch|pretrained, got {self.init!r}")
 
@@ -347,6 +349,8 @@ def main(cfg: PretrainConfig) -> Path:
     from lmlab.core.runtime import setup
 
     dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
+    names = tuple(d.strip() for d in cfg.data.split(",") if d.strip())
+    zoo._corpus(names, cfg.max_bytes, cfg.seed)  # bad data fails here, before any tokenizer work
     tok = zoo.reference_tokenizer() if cfg.tokenizer == "ref" else _load_tok(cfg.tokenizer)
     train_ids, val_ids, data_meta = zoo.token_streams(tok, cfg.data, cfg.max_bytes, seed=cfg.seed)
     model = zoo.build_model(cfg.arch, vocab_size=len(tok), init=cfg.init, special=zoo._special_ids(tok),

@@ -204,6 +204,17 @@ def _check_writable(path: Path) -> None:
         raise RunError(f"cannot write run directory {path}: {probe} is not a writable directory")
 
 
+def check_out(path: str | Path) -> None:
+    """Raise :class:`RunError` unless ``path`` can become a new run dir (writable, not already complete).
+
+    ``start_run`` checks this; the CLI also calls it before a command starts any work, so a bad ``--out``
+    fails at once instead of after loading models or building a corpus."""
+    path = Path(path)
+    _check_writable(path)
+    if (path / "results.json").exists():
+        raise RunError(f"{path} already holds a complete run; pass a new --out")
+
+
 @contextlib.contextmanager
 def start_run(cfg: Any, command: str, *, device: Any = None, dtype: Any = None, threads: int | None = None,
               extra_meta: dict[str, Any] | None = None) -> Iterator[RunDir]:
@@ -216,9 +227,7 @@ def start_run(cfg: Any, command: str, *, device: Any = None, dtype: Any = None, 
     """
     out = getattr(cfg, "out", None)
     path = Path(out) if out else Path("runs") / default_run_name(command)
-    _check_writable(path)
-    if (path / "results.json").exists():
-        raise RunError(f"{path} already holds a complete run; pass a new --out")
+    check_out(path)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)

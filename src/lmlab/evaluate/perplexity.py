@@ -80,7 +80,10 @@ def stream(tok, docs: list[str], max_tokens: int) -> tuple[np.ndarray, int]:
             break
         if len(enc) > room:  # cut the last document; count only the bytes of the kept tokens
             enc = enc[:room]
-            n_bytes += len(tok.decode(enc).encode())
+            kept = tok.decode(enc)
+            if not t.startswith(kept):  # the cut split a multi-byte character: don't count U+FFFD's 3 bytes
+                kept = kept.rstrip("\ufffd")
+            n_bytes += len(kept.encode())
         else:
             n_bytes += len(t.encode()) + (1 if eos is not None else 0)
         ids.extend(enc)
