@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmlab.config import ConfigError, RunArgs
+from lmlab.core.zoo import REF_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class PerplexityConfig(RunArgs):
     """Model specs (ref:NAME, HF name or path), comma-separated."""
     data: list[str] = field(default_factory=lambda: ["code", "prose", "math"])
     """Corpus domains (validation split), or text/jsonl/parquet paths."""
-    max_bytes: int = 3_000_000
+    max_bytes: int = REF_MAX_BYTES
     """Corpus build cap per domain (must match the models' training corpus to keep its val split)."""
     max_tokens: int = 16_384
     """Tokens scored per domain and model."""
