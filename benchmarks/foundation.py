@@ -34,6 +34,25 @@ def throughput(arch: str, tok, ids, steps: int, autocast: bool, seed: int = 0) -
             "wall_tok_per_s": round(tokens / wall, 1), "tok_per_cpu_s": round(tokens / cpu, 1)}
 
 
+def cli_help_seconds(repeats: int = 7) -> dict:
+    """Median wall time of ``lmlab --help`` vs a bare ``python -c pass`` (the interpreter's own start-up)."""
+    import statistics
+    import subprocess
+    import sys
+
+    def med(cmd: list[str]) -> float:
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    bare = med([sys.executable, "-c", "pass"])
+    lm = med([sys.executable, "-m", "lmlab", "--help"])
+    return {"python_startup_s": round(bare, 4), "lmlab_help_s": round(lm, 4), "lmlab_own_s": round(lm - bare, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -62,8 +81,9 @@ def main() -> None:
         models[name] = {"params": n_params(m), "safetensors_bytes": size, "path": str(path),
                         "train_tokens": card.get("train_tokens"), "train_seconds": card.get("train_seconds"),
                         "val": card.get("val")}
+    helps = cli_help_seconds()
     out = {"threads": args.threads, "torch": torch.__version__, "corpus": meta, "throughput": rows,
-           "models": models}
+           "models": models, "cli_help": helps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -73,6 +93,7 @@ def main() -> None:
     for arch in ("dense", "mamba"):
         fp, bf = (r for r in rows if r["arch"] == arch)
         print(f"{arch}: bf16/fp32 = {bf['tok_per_cpu_s'] / fp['tok_per_cpu_s']:.2f}x (per CPU-s)")
+    print(f"lmlab --help: {helps['lmlab_help_s']:.3f} s wall, {helps['lmlab_own_s']:.3f} s beyond python start-up")
     for name, m in models.items():
         val = ", ".join(f"{d} {v['loss']:.3f} nats / {v['bpb']:.3f} bpb" for d, v in (m["val"] or {}).items())
         print(f"ref:{name}: {m['params'] / 1e6:.2f}M params, {m['safetensors_bytes'] / 1e6:.1f} MB, {val}")

@@ -165,7 +165,7 @@ def token_nll(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(batches, desc="nll", unit="batch")
+        it = tqdm(batches, desc="nll", unit="batch", disable=None, leave=False)  # a bar on terminals only
     pos = 0  # next target index (into ``out``) to fill; windows score targets in order
     try:
         with torch.no_grad():

@@ -46,7 +46,7 @@ PACKAGE_ZOO = Path(__file__).resolve().parent.parent / "zoo"
 CARD = "lmlab_card.json"
 VOCAB_SIZE = 2048
 DEFAULT_DOMAINS = ("code", "prose", "math")
-REF_MAX_BYTES = 8_000_000
+REF_MAX_BYTES = 3_000_000
 """Corpus cap per domain for the reference models (the val split depends on the build, so evals reuse it)."""
 
 
@@ -70,8 +70,8 @@ ARCHS: dict[str, Callable[[int], Any]] = {"dense": _llama, "mamba": _mamba2}
 """Reference architectures: name -> ``vocab_size -> transformers config``. The MoE issue adds ``moe``."""
 
 
-REF_OPTIM = OptimConfig(steps=6000, batch_size=8, seq_len=256, lr=3e-3, warmup=100, autocast=True,
-                        eval_every=500, save_every=500)
+REF_OPTIM = OptimConfig(steps=2000, batch_size=8, seq_len=256, lr=3e-3, warmup=50, autocast=True,
+                        eval_every=200, save_every=200)
 """The reference training recipe (both models see exactly the same batches for the same seed)."""
 RESERVED = {"moe": "ref:moe is reserved for the MoE capability ('lmlab train moe'); it is not built yet"}
 

@@ -100,7 +100,7 @@ def evaluate_model(model, tok, texts: dict[str, list[str]], max_tokens: int, win
         ids, n_bytes = stream(tok, docs, max_tokens)
         if len(ids) < 2:
             raise ConfigError(f"domain {name!r} has no validation text")
-        res = lm_eval_stream(model, ids, n_bytes, window=window, batch_size=batch_size)
+        res = lm_eval_stream(model, ids, n_bytes, window=window, batch_size=batch_size, progress=True)
         out[name] = {k: float(res[k]) for k in ("loss", "ppl", "bpb", "tokens", "bytes")}
     return out
 
