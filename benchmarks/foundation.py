@@ -96,7 +96,7 @@ def main() -> None:
     print(f"lmlab --help: {helps['lmlab_help_s']:.3f} s wall, {helps['lmlab_own_s']:.3f} s beyond python start-up")
     for name, m in models.items():
         val = ", ".join(f"{d} {v['loss']:.3f} nats / {v['bpb']:.3f} bpb" for d, v in (m["val"] or {}).items())
-        print(f"ref:{name}: {m['params'] / 1e6:.2f}M params, {m['safetensors_bytes'] / 1e6:.1f} MB shipped (bf16), {val}")
+        print(f"ref:{name}: {m['params'] / 1e6:.2f}M params, {m['safetensors_bytes'] / 1e6:.1f} MB bf16, {val}")
 
 
 if __name__ == "__main__":
