@@ -32,12 +32,14 @@ def test_tour_foundation(ref_zoo, tmp_path, tiny_tok):
     f = root / "foundation"
     fres = json.loads((f / "results.json").read_text())
     assert fres["tokenizer"]["vocab_size"] == len(tiny_tok)  # the tiny reference tokenizer from ref_zoo
-    assert set(fres["corpus"]["stats"]) == {"code", "prose", "math"}
-    for spec in ("ref:dense", "ref:mamba"):
-        m = fres["models"][spec]
-        assert m["params"] == n_params(load_model(spec))
-        assert set(m["domains"]) == {"code", "prose", "math"}
-        assert all(d["tokens"] == 255 and d["bpb"] > 0 for d in m["domains"].values())
+    assert [d["domain"] for d in fres["domains"]] == ["code", "prose", "math"]
+    assert all(d["train_docs"] > 0 and d["val_docs"] > 0 for d in fres["domains"])
+    rows = {r["model"]: r for r in fres["models"]}
+    assert set(rows) == {"ref:dense", "ref:mamba"}
+    for spec, row in rows.items():
+        assert row["params"] == n_params(load_model(spec))
+        assert all(row[f"{d} bits/byte"] > 0 and row[f"{d} ppl"] > 1 for d in ("code", "prose", "math"))
+    assert fres["eval"]["max_tokens_per_domain"] == 256
     assert (f / "plots" / "bits_per_byte.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((f / "samples.jsonl").read_text().splitlines()) == 2 * 3
 

@@ -82,16 +82,24 @@ def foundation(cfg: TourConfig, out: Path) -> tuple[Path, str]:
                  {s: [m["domains"][d]["bpb"] for d in domains] for s, m in models.items()},
                  title="reference models: validation bits/byte", ylabel="bits/byte")
         results = {
-            "corpus": {"hash": corpus.hash, "stats": corpus.stats},
-            "tokenizer": {"vocab_size": len(tok), "hash": zoo.tokenizer_hash(tok), "bytes_per_token": bpt},
-            "models": {s: {"params": m["params"], "domains": m["domains"]} for s, m in models.items()},
+            "corpus_hash": corpus.hash,
+            "tokenizer": {"vocab_size": len(tok), "hash": zoo.tokenizer_hash(tok)},
+            "domains": [{"domain": d, "train_docs": corpus.stats[d]["train"]["docs"],
+                         "train_MB": round(corpus.stats[d]["train"]["bytes"] / 1e6, 2),
+                         "val_docs": corpus.stats[d]["val"]["docs"], "bytes_per_token": bpt[d]} for d in domains],
+            "models": [{"model": s, "params": m["params"],
+                        **{f"{d} bits/byte": round(m["domains"][d]["bpb"], 4) for d in domains},
+                        **{f"{d} ppl": round(m["domains"][d]["ppl"], 2) for d in domains}}
+                       for s, m in models.items()],
+            "eval": {"window": 256, "max_tokens_per_domain": max_tokens},
         }
         run.finish(results)
     lines = [f"Corpus {corpus.hash[:12]}: " + ", ".join(
         f"{d} {corpus.stats[d]['train']['bytes'] / 1e6:.1f} MB" for d in domains) + ".",
         f"Tokenizer: byte-level BPE, vocab {len(tok)}, bytes/token " + ", ".join(f"{d} {v}" for d, v in bpt.items()),
-        ""]
+        ]
     for s, m in models.items():
+        lines.append("")
         lines.append(f"{s} ({m['params'] / 1e6:.2f}M params): " + ", ".join(
             f"{d} {r['bpb']:.3f} bits/byte (ppl {r['ppl']:.1f})" for d, r in m["domains"].items()))
     return run.path, "\n".join(lines)
