@@ -57,7 +57,6 @@ store it as ``.npy`` (atomic write; memory-mapped, pickle-free read).
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import glob
 import gzip
@@ -932,19 +931,10 @@ def save_tokens(path: str | Path, ids: np.ndarray) -> Path:
     path = Path(path)
     if path.suffix != ".npy":
         path = path.with_name(path.name + ".npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(ids), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from lmlab.core.runs import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(ids), allow_pickle=False)
     return path
 
 
