@@ -49,6 +49,16 @@ COMMANDS: list[Leaf] = [
          "causal-LM pretraining of any HF model config on a corpus"),
     Leaf("eval ppl", "lmlab.evaluate.perplexity:main", "lmlab.evaluate.perplexity:PerplexityConfig",
          "perplexity and bits-per-byte of a model on corpus domains", ("model",)),
+    Leaf("data mix fit", "lmlab.data.mixing:fit_main", "lmlab.data.mixing:FitConfig",
+         "fit data mixing laws to a table of runs (mixture -> losses)", ("data",)),
+    Leaf("data mix predict", "lmlab.data.mixing:predict_main", "lmlab.data.mixing:PredictConfig",
+         "predict validation losses of mixtures with a fitted law", ("law",)),
+    Leaf("data mix optimize", "lmlab.data.mixing:optimize_main", "lmlab.data.mixing:OptimizeConfig",
+         "the mixture minimising the predicted loss (convex, with availability caps)", ("law",)),
+    Leaf("data mix run", "lmlab.data.mixing:run_main", "lmlab.data.mixing:RunConfig",
+         "nested pipeline: proxy runs -> step/size laws -> mixing law -> optimum -> verification"),
+    Leaf("data mix continual", "lmlab.data.mixing:continual_main", "lmlab.data.mixing:ContinualConfig",
+         "continual pretraining: critical share of original data", ("model",)),
     Leaf("report", "lmlab.core.report:main", "lmlab.core.report:ReportConfig",
          "build a static single-file report.html from run directories", ("runs",)),
 ]
@@ -62,6 +72,7 @@ GROUP_HELP = {
     "reason": "reasoning by search and learning",
     "compress": "BitStack, rank-k, quantisation",
     "interp": "SAEs, similarity, circuits",
+    "mix": "data mixing laws: fit, predict, optimize, run, continual",
 }
 
 log = logging.getLogger("lmlab")

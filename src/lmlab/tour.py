@@ -105,8 +105,22 @@ def foundation(cfg: TourConfig, out: Path) -> tuple[Path, str]:
     return run.path, "\n".join(lines)
 
 
+def _lazy(target: str) -> Callable[[TourConfig, Path], tuple[Path, str]]:
+    """A section implemented in a capability module, imported only when the section runs."""
+
+    def run(cfg: TourConfig, out: Path) -> tuple[Path, str]:
+        import importlib
+
+        mod, _, fn = target.partition(":")
+        return getattr(importlib.import_module(mod), fn)(cfg, out)
+
+    run.__doc__ = f"tour section {target}"
+    return run
+
+
 SECTIONS: dict[str, Callable[[TourConfig, Path], tuple[Path, str]]] = {
     "foundation": foundation,
+    "data_mix": _lazy("lmlab.data.mixing:tour_section"),
 }
 """Tour sections in report order. Each capability adds its own (kept short; ``--full`` for the long run)."""
 
