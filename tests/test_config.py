@@ -294,3 +294,14 @@ def test_dump_yaml_with_docs_has_comments_and_same_values(tmp_path):
     assert lines.index("# Optimiser steps.") + 1 == lines.index("steps: 10")  # a comment sits above its field
     assert yaml.safe_load(text) == yaml.safe_load(dump_yaml(cfg)) == to_dict(cfg)
     assert resolve(Cfg, write(tmp_path, text)) == cfg
+
+
+def test_partial_nested_override_keeps_the_fields_own_default():
+    """`optim.steps=10` must start from the field's default_factory (e.g. a recipe), not the class defaults."""
+    from lmlab.core.pretrain import OptimConfig
+    from lmlab.core.zoo import REF_OPTIM, ZooTrainConfig
+
+    cfg = resolve(ZooTrainConfig, None, ["optim.steps=10"])
+    assert cfg.optim.steps == 10
+    assert cfg.optim.lr == REF_OPTIM.lr and cfg.optim.autocast == REF_OPTIM.autocast
+    assert REF_OPTIM.lr != OptimConfig().lr  # the test would be vacuous otherwise

@@ -182,6 +182,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         tp = hints[name]
         sub = _dataclass_type(tp)
         if sub is not None and isinstance(value, dict):
+            # a partial section overrides the field's own default (its default_factory), not the class defaults
+            f = fields[name]
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(base):
+                value = {**to_dict(base), **value}
             kwargs[name] = from_dict(sub, value, prefix=f"{prefix}{name}.")
         elif value is None and not _allows_none(tp) and fields[name].default is not None:
             raise ConfigError(f"{prefix}{name}: expected {getattr(tp, '__name__', tp)}, got null")

@@ -120,7 +120,12 @@ def _lazy(target: str) -> Callable[[TourConfig, Path], tuple[Path, str]]:
 
 SECTIONS: dict[str, Callable[[TourConfig, Path], tuple[Path, str]]] = {
     "foundation": foundation,
+    "reason": _lazy("lmlab.reason.search:tour_section"),
+    "compress": _lazy("lmlab.compress.bitstack:tour_section"),
+    "sae": _lazy("lmlab.interp.sae:tour_section"),
     "data_mix": _lazy("lmlab.data.mixing:tour_section"),
+    "comments": _lazy("lmlab.data.comments:tour_section"),
+    "moe": _lazy("lmlab.train.moe:tour_section"),
 }
 """Tour sections in report order. Each capability adds its own (kept short; ``--full`` for the long run)."""
 

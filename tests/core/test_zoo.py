@@ -62,13 +62,20 @@ def test_resolve_user_zoo_beats_package(tmp_path, monkeypatch, tiny_tok):
         zoo.resolve("mamba")
 
 
-def test_reserved_and_unknown_names():
-    with pytest.raises(LmlabError, match="reserved"):
+def test_unbuilt_and_unknown_names():
+    # ref:moe is a registered architecture that is not shipped: resolving it says how to build it
+    with pytest.raises(LmlabError, match="lmlab zoo train moe"):
         zoo.resolve("moe")
-    with pytest.raises(LmlabError, match=r"unknown reference model 'ref:gpt5'.*dense.*mamba"):
+    with pytest.raises(LmlabError, match=r"unknown reference model 'ref:gpt5'.*dense.*mamba.*moe"):
         zoo.resolve("gpt5")
-    with pytest.raises(LmlabError, match="reserved"):
+    with pytest.raises(LmlabError, match="lmlab zoo train moe"):
         load_model("ref:moe")
+    zoo.RESERVED["future"] = "ref:future is reserved for a later capability"
+    try:
+        with pytest.raises(LmlabError, match="reserved for a later capability"):
+            zoo.resolve("future")
+    finally:
+        del zoo.RESERVED["future"]
 
 
 def test_ref_zoo_fixture_resolves(ref_zoo):
@@ -85,7 +92,7 @@ def test_list_rows_and_main(ref_zoo, capsys):
         assert r["source"] == "cache" and r["path"] == str(ref_zoo / name)
         assert r["params"] == json.loads((ref_zoo / name / zoo.CARD).read_text())["params"]
         assert r["bpb"] == {"math": 3.0}
-    assert rows["ref:moe"]["source"] == "reserved"
+    assert rows["ref:moe"]["source"] == "missing"
     text = zoo.list_main(zoo.ZooListConfig())
     lines = text.splitlines()
     assert lines[0].split()[:2] == ["name", "source"]
@@ -176,7 +183,8 @@ def test_token_streams_errors(tmp_path, tiny_tok):
 
 def test_zoo_train_config_validation():
     with pytest.raises(ConfigError, match="name must be one of"):
-        zoo.ZooTrainConfig(name="moe")
+        zoo.ZooTrainConfig(name="gpt5")
+    assert zoo.ZooTrainConfig(name="moe").name == "moe"
     assert zoo.ZooTrainConfig().optim == zoo.REF_OPTIM
     assert zoo.ZooTrainConfig().optim is not zoo.REF_OPTIM  # each config gets its own copy
 

@@ -131,6 +131,6 @@ def test_missing_model_fails_before_run_dir(ref_zoo, tmp_path):
     with pytest.raises(LmlabError, match="model path not found"):
         P.main(cfg)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(LmlabError, match="reserved"):
+    with pytest.raises(LmlabError, match="lmlab zoo train moe"):  # registered but not built
         P.main(P.PerplexityConfig(model=["ref:moe"], out=str(tmp_path / "run2")))
     assert not (tmp_path / "run2").exists()

@@ -52,6 +52,7 @@ _MAMBA = {"layers": "backbone.layers", "mixer": "mixer", "embed": "backbone.embe
 # layer; no_mid_if: a config flag that removes resid_mid. A missing key means the hook does not exist.
 ARCHS: dict[str, dict[str, str]] = {
     "llama": dict(_LLAMA), "mistral": dict(_LLAMA), "qwen2": dict(_LLAMA), "qwen3": dict(_LLAMA),
+    "lmlab_moe": dict(_LLAMA),
     "gpt2": {"layers": "transformer.h", "attn": "attn", "mlp": "mlp", "mid": "ln_2",
              "embed": "transformer.wte", "pos_embed": "transformer.wpe", "final_norm": "transformer.ln_f"},
     "gpt_neox": {"layers": "gpt_neox.layers", "attn": "attention", "mlp": "mlp",

@@ -49,6 +49,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(spec)
+    from lmlab.train.moe import register
+
+    register()  # lmlab's own model_type "lmlab_moe" for the Auto classes
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if attn_implementation:

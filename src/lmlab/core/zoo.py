@@ -9,7 +9,8 @@ name       architecture                                          why
 =========  ====================================================  ====================================
 ``dense``  ``LlamaForCausalLM`` d=192, 4 layers, 4 heads, tied   the transformer every method uses
 ``mamba``  ``Mamba2ForCausalLM`` d=192, 4 layers, state 32       universality (Transformer vs Mamba)
-``moe``    reserved for the MoE issue (``lmlab train moe``)
+``moe``    ``LmlabMoeForCausalLM`` d=192, 4 layers, 8 SwiGLU    MoE with the Rectify-Router (IR+FR),
+           experts of 256, top-2, cf 1.0, IR+FR                  not shipped: ``lmlab zoo train moe``
 =========  ====================================================  ====================================
 
 Mamba-2 rather than Mamba-1: on this CPU transformers' Mamba-1 torch path trains at ~530 tok/CPU-s even with the
@@ -66,14 +67,21 @@ def _mamba2(vocab_size: int):
                         tie_word_embeddings=True)
 
 
-ARCHS: dict[str, Callable[[int], Any]] = {"dense": _llama, "mamba": _mamba2}
-"""Reference architectures: name -> ``vocab_size -> transformers config``. The MoE issue adds ``moe``."""
+def _moe(vocab_size: int):
+    from lmlab.train.moe import reference_config  # also registers model_type "lmlab_moe" with the Auto classes
+
+    return reference_config(vocab_size)
+
+
+ARCHS: dict[str, Callable[[int], Any]] = {"dense": _llama, "mamba": _mamba2, "moe": _moe}
+"""Reference architectures: name -> ``vocab_size -> transformers config``."""
 
 
 REF_OPTIM = OptimConfig(steps=2000, batch_size=8, seq_len=256, lr=3e-3, warmup=50, autocast=True,
                         eval_every=200, save_every=200)
 """The reference training recipe (both models see exactly the same batches for the same seed)."""
-RESERVED = {"moe": "ref:moe is reserved for the MoE capability ('lmlab train moe'); it is not built yet"}
+RESERVED: dict[str, str] = {}
+"""Names kept for capabilities not built yet (resolving one is a clear error)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ class ZooTrainConfig(RunArgs):
     """Train a reference model (or the reference tokenizer) on the built-in corpus."""
 
     name: str = "dense"
-    """Which reference: dense | mamba | tokenizer."""
+    """Which reference: dense | mamba | moe | tokenizer."""
     max_bytes: int = REF_MAX_BYTES
     """Max text bytes per corpus domain."""
     domains: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAINS))

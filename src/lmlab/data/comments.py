@@ -1382,15 +1382,11 @@ class FilterConfig(RunArgs):
     require_more_comments: bool = True
     """Reject augmented files whose comment density did not increase."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.input:
-            raise ConfigError("give input=PATH (the augmented/ folder of a generate run)")
-
-
 def filter_main(cfg: FilterConfig) -> Path:
     from lmlab.core.runs import start_run
 
+    if not cfg.input:
+        raise ConfigError("give input=PATH (the augmented/ folder of a generate run)")
     reader = SourceReader(cfg.input)
     with start_run(cfg, "data-comments-filter") as run:
         steps = [reader, ReadErrorFilter(exclusion_writer=writer(run / "excluded", "read_")),

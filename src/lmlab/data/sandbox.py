@@ -189,6 +189,8 @@ def run_sandboxed(code: str, timeout: float = 5.0, memory_mb: int = 1024, max_fi
         try:
             out, err = proc.communicate(timeout=timeout)
             status = "passed" if proc.returncode == 0 else "failed"
+            if proc.returncode == -signal.SIGXCPU:  # the CPU-time limit fired before the wall-clock one
+                status = "timeout"
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
