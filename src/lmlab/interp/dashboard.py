@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from lmlab.config import ConfigError, RunArgs
-from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
 
@@ -206,22 +205,13 @@ def density_histogram(path: Path, density: torch.Tensor, title: str) -> Path:
 
 def main(cfg: SAEDashboardConfig) -> Path:
     """``lmlab interp sae dashboard``: writes ``dashboard/index.html`` + one page per SAE."""
-    from lmlab.core.models import load
     from lmlab.core.runs import atomic_write, start_run
     from lmlab.core.runtime import setup
     from lmlab.interp.activations import open_source
-    from lmlab.interp.sae import _sae_dirname, load_saes, resolve_pairs
+    from lmlab.interp.sae import _sae_dirname, load_saes_and_model
 
-    if not cfg.sae:
-        raise ConfigError("give at least one SAE folder or training run dir")
     dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
-    saes = load_saes(cfg.sae)
-    model_name = cfg.model or next(iter(saes.values())).model_name
-    if not model_name:
-        raise LmlabError("the SAEs do not record their model; pass --model")
-    model, tok = load(model_name, dev, dtype, cfg.trust_remote_code)
-    names = sorted({h for p in saes for h in p})
-    resolve_pairs(model, names)
+    saes, model_name, model, tok, names = load_saes_and_model(cfg, dev, dtype)
     with start_run(cfg, "interp-sae-dashboard", device=dev, dtype=dtype, threads=threads) as run:
         src = open_source(model, tok, names, data=cfg.data, max_bytes=cfg.max_bytes, seq_len=cfg.seq_len,
                           lm_batch=cfg.lm_batch, seed=cfg.seed, split="val")

@@ -1062,17 +1062,15 @@ def load_saes(paths: list[str]) -> dict[tuple[str, str], SAE]:
     return out
 
 
-def main_eval(cfg: SAEEvalConfig) -> Path:
-    """``lmlab interp sae eval``."""
+def load_saes_and_model(cfg: Any, dev: Any, dtype: Any) -> tuple[dict, str, Any, Any, list[str]]:
+    """SAEs of ``cfg.sae`` and the model they were trained on (``cfg.model`` overrides); checks the hooks exist.
+
+    Shared by ``sae eval`` and ``sae dashboard``; returns ``(saes, model_name, model, tokenizer, hook names)``.
+    """
     from lmlab.core.models import load
-    from lmlab.core.plotting import bar_plot
-    from lmlab.core.runs import start_run
-    from lmlab.core.runtime import setup
-    from lmlab.interp.activations import open_source
 
     if not cfg.sae:
         raise ConfigError("give at least one SAE folder or training run dir")
-    dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
     saes = load_saes(cfg.sae)
     model_name = cfg.model or next(iter(saes.values())).model_name
     if not model_name:
@@ -1080,6 +1078,18 @@ def main_eval(cfg: SAEEvalConfig) -> Path:
     model, tok = load(model_name, dev, dtype, cfg.trust_remote_code)
     names = sorted({h for p in saes for h in p})
     resolve_pairs(model, names)  # hooks must exist on this model
+    return saes, model_name, model, tok, names
+
+
+def main_eval(cfg: SAEEvalConfig) -> Path:
+    """``lmlab interp sae eval``."""
+    from lmlab.core.plotting import bar_plot
+    from lmlab.core.runs import start_run
+    from lmlab.core.runtime import setup
+    from lmlab.interp.activations import open_source
+
+    dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
+    saes, model_name, model, tok, names = load_saes_and_model(cfg, dev, dtype)
     common = dict(data=cfg.data, max_bytes=cfg.max_bytes, seq_len=cfg.seq_len, lm_batch=cfg.lm_batch,
                   prepend_bos=cfg.prepend_bos, seed=cfg.seed)
     with start_run(cfg, "interp-sae-eval", device=dev, dtype=dtype, threads=threads) as run:
