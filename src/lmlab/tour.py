@@ -121,6 +121,7 @@ def _lazy(target: str) -> Callable[[TourConfig, Path], tuple[Path, str]]:
 SECTIONS: dict[str, Callable[[TourConfig, Path], tuple[Path, str]]] = {
     "foundation": foundation,
     "reason": _lazy("lmlab.reason.search:tour_section"),
+    "reason_learn": _lazy("lmlab.reason.learn:tour_section"),
     "exam_irt": _lazy("lmlab.evaluate.exam:tour_section"),
     "compress": _lazy("lmlab.compress.bitstack:tour_section"),
     "sae": _lazy("lmlab.interp.sae:tour_section"),

@@ -1,0 +1,159 @@
+"""Learning-from-search benchmark (o1 roadmap testbed, spec section 3.2 "Learning"): 6-digit column addition,
+start = the noisy-teacher policy (forgets the carry 60% of the time; greedy ~0.05).
+
+    python benchmarks/reason_learn.py [--n-test 300] [--grpo-steps 100] [--threads 1]
+                                      [--out benchmarks/results/reason_learn.json]
+
+  L1  expert iteration (RFT) round 1 with the outcome checker: 1,500 problems x 8 samples, keep unique verified,
+      300 SFT steps (lr 3e-3, batch 128). Bar: greedy >= 0.90.
+  L2  GRPO (G = 8, 32 prompts/step, lr 1e-4, beta 0, 0/1 outcome reward), greedy every 25 steps, CPU seconds.
+      Bar: greedy >= 0.85 within 100 steps.
+  L3  behaviour cloning on PRM-guided beam search (N = 16, M = 4, weighted pick) with a *trained* PRM and no
+      checker at train time: 1,500 problems, 1 pick each, 300 SFT steps. Bar: greedy >= 0.6.
+  L4  test-time scaling (weighted BoN with the same PRM, N = 1, 4, 16) before and after L1 (plot).
+The noisy policy and the gold-10k PRM are reused from benchmarks/reason_search.py's cache when present
+(runs/reason_bench_cache), else trained here (SFT 600 steps; PRM 300 steps on 10k gold-labelled policy samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("reason_learn_bench")
+
+
+def greedy_acc(model, tok, task, test) -> float:
+    from lmlab.reason.learn import sample_groups
+    from lmlab.reason.policy import LMPolicy
+
+    g = sample_groups(LMPolicy(model, tok), task, test, 1, 0.0)
+    return sum(task.check(p, r[0]) for p, r in zip(test, g)) / len(test)
+
+
+def get_policy_and_prm(cache: Path, shared: Path):
+    from lmlab.reason.policy import LMPolicy, build_task, demonstrations, load_lm, rollout, save_lm, sft, split_problems
+    from lmlab.reason.reward import RewardModel, RMScorer, load_rm, save_rm, train_rm
+
+    for root in (shared, cache):
+        if (root / "policy_noisy" / "model.safetensors").is_file():
+            model, tok = load_lm(str(root / "policy_noisy"))
+            break
+    else:
+        task = build_task("column_add", 6, q_sys=0.6, q_rand=0.03)
+        train, _ = split_problems(task, 60_000, 300, 0)
+        prompts, comps = demonstrations(task, train, 0)
+        torch.manual_seed(0)
+        model, tok = load_lm("tiny")
+        sft(model, tok, prompts, comps, steps=600, batch_size=128, lr=3e-3, warmup=100)
+        save_lm(model, tok, cache / "policy_noisy")
+    for root in (shared, cache):
+        if (root / "gold10k" / "rm.json").is_file():
+            rm, rtok = load_rm(root / "gold10k")
+            return model, tok, RMScorer(rm, rtok)
+    task = build_task("column_add", 6)
+    train, _ = split_problems(task, 12_000, 300, 0)
+    probs = train[-10_000:]
+    sols = [r[0] for r in rollout(LMPolicy(model, tok), task, probs, [[] for _ in probs], 1)]
+    rm = RewardModel.from_policy(model)
+    train_rm(rm, tok, probs, sols, [[float(x) for x in task.step_labels(p, s)] for p, s in zip(probs, sols)],
+             steps=300)
+    save_rm(rm, tok, cache / "gold10k", {"label": "gold", "n": len(probs)})
+    return model, tok, RMScorer(rm, tok)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-test", type=int, default=300)
+    ap.add_argument("--n-train", type=int, default=1500)
+    ap.add_argument("--grpo-steps", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default="runs/reason_learn_cache")
+    ap.add_argument("--shared-cache", default="runs/reason_bench_cache")
+    ap.add_argument("--out", default="benchmarks/results/reason_learn.json")
+    ap.add_argument("--bc-search", default="beam", help="L3 search: beam | dvts (N = 16, M = 4, weighted pick)")
+    ap.add_argument("--skip", nargs="*", default=[], help="stages to skip: L1 L2 L3 L4")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from lmlab.core.plotting import line_plot
+    from lmlab.reason import learn as L
+    from lmlab.reason.policy import LMPolicy, build_task, sft, split_problems
+    from lmlab.reason.search import SearchParams, run_search, scaling_curves
+
+    cache, out = Path(args.cache), Path(args.out)
+    cache.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base, tok, prm = get_policy_and_prm(cache, Path(args.shared_cache))
+    task = build_task("column_add", 6)
+    train, test = split_problems(task, 3 * args.n_train, args.n_test, 0)
+    res: dict = {"n_test": args.n_test, "init_greedy": greedy_acc(base, tok, task, test)}
+    log.info("init greedy %.3f", res["init_greedy"])
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    rft = None
+    if "L1" not in args.skip:
+        t0 = time.process_time()
+        rft = copy.deepcopy(base)
+        probs = train[: args.n_train]
+        groups = L.sample_groups(LMPolicy(rft, tok), task, probs, 8)
+        prompts, comps = L.expert_iteration_data(task, probs, groups)
+        sft(rft, tok, prompts, comps, steps=300, batch_size=128, lr=3e-3, warmup=30)
+        res["rft_round1"] = {"n_clone": len(comps), "greedy": greedy_acc(rft, tok, task, test),
+                             "cpu_s": round(time.process_time() - t0, 1)}
+        log.info("RFT round 1: %s", res["rft_round1"])
+        save()
+    if "L2" not in args.skip:
+        model = copy.deepcopy(base)
+        tr = L.GRPOTrainer(model, tok, task, L.outcome_reward(task), L.GRPOParams(), seed=0)
+        curve, t0, cpu = {0: res["init_greedy"]}, time.process_time(), {0: 0.0}
+        rewards = []
+        for s in range(1, args.grpo_steps + 1):
+            rewards.append(tr.step(train[args.n_train: 2 * args.n_train])["reward"])
+            if s % 25 == 0:
+                cpu[s] = round(time.process_time() - t0, 1)
+                curve[s] = greedy_acc(model, tok, task, test)
+                log.info("GRPO step %d: greedy %.3f (train reward %.3f, %.0f cpu-s)", s, curve[s], rewards[-1], cpu[s])
+        res["grpo"] = {"greedy": curve, "cpu_s": cpu, "train_reward": rewards}
+        save()
+        line_plot(out.with_name("reason_learn_grpo.png"), list(curve), {"greedy": list(curve.values())},
+                  title="GRPO (G=8, 32 prompts/step, beta 0)", xlabel="step", ylabel="greedy accuracy")
+    if "L3" not in args.skip:
+        t0 = time.process_time()
+        model = copy.deepcopy(base)
+        probs = train[2 * args.n_train: 3 * args.n_train]
+        r = run_search(args.bc_search, probs, LMPolicy(model, tok), task, prm, SearchParams(n=16, m=4))
+        picks = [x.chosen for x in r]
+        prompts, comps = L.expert_iteration_data(task, probs, [x.completions for x in r], "none", picks)
+        sft(model, tok, prompts, comps, steps=300, batch_size=128, lr=3e-3, warmup=30)
+        data_ok = sum(task.check(p, s) for p, s in zip(probs, picks)) / len(probs)
+        res[f"bc_prm_{args.bc_search}"] = {"data_correct": data_ok, "greedy": greedy_acc(model, tok, task, test),
+                                           "cpu_s": round(time.process_time() - t0, 1)}
+        log.info("BC on PRM-%s(16), no checker: %s", args.bc_search, res[f"bc_prm_{args.bc_search}"])
+        save()
+    if "L4" not in args.skip and rft is not None:
+        curves = {}
+        for name, m in (("before (noisy SFT)", base), ("after RFT round 1", rft)):
+            c = scaling_curves(test[:100], LMPolicy(m, tok), task, prm, ["weighted_bon"], [1, 4, 16], SearchParams())
+            curves[name] = {n: v["accuracy"] for n, v in c["weighted_bon"].items()}
+        res["scaling_weighted_bon"] = curves
+        save()
+        xs = [1, 4, 16]
+        line_plot(out.with_name("reason_learn_scaling.png"), xs,
+                  {k: [v[str(n)] for n in xs] for k, v in curves.items()},
+                  title="weighted BoN (gold-10k PRM) before / after learning", xlabel="N", ylabel="accuracy")
+    save()
+    print(json.dumps({k: v for k, v in res.items() if k != "grpo"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
