@@ -49,9 +49,11 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(spec)
-    from lmlab.train.moe import register
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and '"lmlab_moe"' in cfg_file.read_text():
+        from lmlab.train.moe import register
 
-    register()  # lmlab's own model_type "lmlab_moe" for the Auto classes
+        register()  # lmlab's own model_type "lmlab_moe" for the Auto classes (imported only when needed)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if attn_implementation:

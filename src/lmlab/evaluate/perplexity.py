@@ -32,7 +32,7 @@ class PerplexityConfig(RunArgs):
     data: list[str] = field(default_factory=lambda: ["code", "prose", "math"])
     """Corpus domains (validation split), or text/jsonl/parquet paths."""
     max_bytes: int = REF_MAX_BYTES
-    """Corpus build cap per domain (must match the models' training corpus to keep its val split)."""
+    """Corpus build cap per domain (validation documents are chosen by hash, so any cap keeps them unseen)."""
     max_tokens: int = 16_384
     """Tokens scored per domain and model."""
     window: int = 256
