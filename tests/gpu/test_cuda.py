@@ -46,6 +46,7 @@ def test_reference_model_loss_matches_cpu(arch):
 
 def test_pretrain_steps_on_cuda_match_cpu():
     from conftest import make_tiny_llama
+
     from lmlab.core.pretrain import OptimConfig, train
 
     ids = np.random.default_rng(0).integers(3, 99, size=20_000).astype(np.int32)
