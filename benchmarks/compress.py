@@ -1,7 +1,7 @@
 """Compression benchmark on ref:dense: one bytes-vs-quality table and curve for every method, plus the gates.
 
     python benchmarks/compress.py [--niter 16] [--sort-samples 4] [--max-tokens 4096]
-                                  [--out benchmarks/results/compress.json]
+                                  [--out benchmarks/results/compress.json] [--part all|jra|lowbit|orders]
 
 Methods (all on the same held-out text: the reference corpus' validation split, code/prose/math, bits/byte
 averaged over the three domains; bytes = all weight bytes, uncompressed tensors at fp16):
@@ -12,6 +12,14 @@ averaged over the three domains; bytes = all weight bytes, uncompressed tensors 
 * RTN at w1..w8 with per-row, g64 and g32 groups; GPTQ w2..w4 (per-row and g64; 32 x 256-token calibration);
 * data-free rank-k at keep 0.8/0.6/0.4/0.25, joint vs separate, for {q,k,v} and {gate,up} separately, and
   joint {q,k,v}+{gate,up} followed by RTN w4 g64 of the factors.
+
+Follow-ups (``--part``, each writes ``benchmarks/results/compress_<part>.json``; differences come with a paired
+standard error from per-chunk bits on the same text, ``quant.paired_bpb_diff``):
+
+* ``jra``: joint vs separate rank-k for {q,k}, {q,k,v}, {gate,up} at equal parameters, with the weight error;
+* ``lowbit``: BitStack (default, greedy order, no scaling, more sorting / calibration text, k=2) against RTN and
+  GPTQ at their bytes, RTN/GPTQ accounted with b-bit zeros (the issue's ``b + (16+b)/g``) and with fp16 zeros;
+* ``orders``: sorted vs ``--random-seeds`` random orders vs uniform between every two levels.
 
 Gates (printed as PASS/FAIL): sorted beats random and uniform at every matched budget; at <= 2.1 bits/param
 BitStack beats RTN by >= 0.5 bits/byte; the sorted curve does not rise over steps of >= 5% of the size range
@@ -24,11 +32,13 @@ import argparse
 import copy
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -91,6 +101,239 @@ def series(res: dict) -> tuple[dict, dict]:
     return xs, ys
 
 
+# ==================================================================================================================
+# follow-up parts (``--part jra|lowbit|orders``): the three gates the main run misses, measured with paired standard
+# errors (per-chunk bits on the same held-out text; see ``quant.paired_bpb_diff``).
+
+
+def _bpb(chunks: dict, evalset) -> float:
+    """bits/byte (mean over sources) from :meth:`EvalSet.chunk_bits` output."""
+    return float(sum(chunks[n].sum() / nb for n, (_, nb) in evalset.streams.items()) / len(evalset.streams))
+
+
+def _group_rel_err(orig: dict, m) -> float:
+    """``sum ||W - A B||_F^2 / sum ||W||_F^2`` over the replaced linears of ``m`` (original weights ``orig``)."""
+    from lmlab.compress.rankk import LowRankLinear
+
+    num = den = 0.0
+    for name, mod in m.named_modules():
+        if isinstance(mod, LowRankLinear):
+            W = orig[name]
+            num += float(((W - mod.A.float() @ mod.proj.weight.float()) ** 2).sum())
+            den += float((W ** 2).sum())
+    return num / den
+
+
+def part_jra(args, model, evalset, res: dict) -> None:
+    """Joint vs separate rank-k at an equal parameter count, per group and keep ratio, with paired SEs."""
+    from lmlab.compress import quant, rankk
+
+    orig = {n: lin.weight.detach().float().clone() for n, lin in model.named_modules()
+            if isinstance(lin, torch.nn.Linear)}
+    rows = []
+    for grp in args.jra_groups:
+        for keep in (0.8, 0.6, 0.4, 0.25):
+            ch, info = {}, {}
+            for mode in ("joint", "separate"):
+                m = copy.deepcopy(model)
+                acct = rankk.compress_model(m, [grp], keep, mode)
+                ch[mode] = evalset.chunk_bits(m)
+                info[mode] = {"params_after": acct["params_after"], "ranks": sorted(set(acct["ranks"])),
+                              "rel_frob_err": _group_rel_err(orig, m), "bpb": _bpb(ch[mode], evalset)}
+            d = quant.paired_bpb_diff(ch["joint"], ch["separate"], evalset)
+            rows.append({"group": grp, "keep": keep, **{f"{mo}_{k}": v for mo in info for k, v in info[mo].items()},
+                         "joint_minus_separate": d["diff"], "se": d["se"]})
+            r = rows[-1]
+            print(f"| {grp} | {keep} | {r['joint_params_after']:,} / {r['separate_params_after']:,} | "
+                  f"{r['joint_ranks']} / {r['separate_ranks']} | {r['joint_rel_frob_err']:.4f} / "
+                  f"{r['separate_rel_frob_err']:.4f} | {r['joint_bpb']:.4f} | {r['separate_bpb']:.4f} | "
+                  f"{d['diff']:+.4f} +/- {d['se']:.4f} |", flush=True)
+    res["jra"] = rows
+    res["gates"]["joint_<=_separate+0.005 (qkv, gate_up; keep 0.8/0.6/0.4)"] = all(
+        r["joint_minus_separate"] <= 0.005 for r in rows if r["group"] in ("qkv", "gate_up") and r["keep"] >= 0.4)
+
+
+def part_lowbit(args, model, tok, evalset, res: dict) -> None:
+    """BitStack vs RTN/GPTQ at <= 2.1 (and ~2.3) bits/param: accounting variants, BitStack variants, paired SEs.
+
+    Only the first blocks matter below ~2.5 bits/param, and the sort scores of level b depend only on blocks
+    <= b+1, so the stacks here use niter 4: their first 3 levels (and their order) equal those of a niter-16 stack
+    built with the same calibration and sorting text."""
+    from lmlab.compress import bitstack as bs
+    from lmlab.compress import quant
+
+    lins = quant.find_linears(model, quant.DEFAULT_MODULES)
+    n_params = sum(lin.weight.numel() for lin in lins.values())
+    extra = quant.extra_bytes(model, lins)
+
+    def bpp(total: float) -> float:
+        return (total - extra) * 8 / n_params
+
+    def fp16_zero_bytes(bits: int, g: int) -> int:  # b-bit codes + fp16 scale + fp16 zero per group
+        total = 0.0
+        for lin in lins.values():
+            ge = quant.effective_group(g, lin.in_features) or lin.in_features
+            total += lin.weight.numel() * (bits + 32 / ge)
+        return extra + int(math.ceil(total / 8))
+
+    base_chunks = {}
+    quants = []
+    calib = quant.token_windows(tok, quant.texts_for("code,prose,math", "train"), 32, 256, seed=0)
+    for method, bits, g in (("rtn", 1, 64), ("rtn", 1, 32), ("rtn", 2, 0), ("gptq", 2, 0), ("rtn", 2, 64),
+                            ("gptq", 2, 64)):
+        q, acct = quant.quantize_copy(model, quant.DEFAULT_MODULES, method, bits, g,
+                                      calib if method == "gptq" else None)
+        name = f"{method} w{bits} {'per-row' if g == 0 else f'g{g}'}"
+        base_chunks[name] = evalset.chunk_bits(q)
+        quants.append({"name": name, "bytes": acct["total_bytes"], "bits_per_param": acct["bits_per_param"],
+                       "bytes_fp16_zero": fp16_zero_bytes(bits, g),
+                       "bits_per_param_fp16_zero": bpp(fp16_zero_bytes(bits, g)),
+                       "bpb": _bpb(base_chunks[name], evalset)})
+        print(f"{name}: {acct['bits_per_param']:.3f} bits/param ({quants[-1]['bits_per_param_fp16_zero']:.3f} with "
+              f"fp16 zeros), {quants[-1]['bpb']:.4f}", flush=True)
+    variants = [("default: scaled, 32 calib, 4 sort, k=1", {}, "average"),
+                ("greedy order", {}, "greedy"),
+                ("no scaling", {"scale": False}, "average"),
+                ("16 sort", {"sort_samples": 16}, "average"),
+                ("128 calib, 16 sort", {"calib_samples": 128, "sort_samples": 16}, "average"),
+                ("no scaling, 16 sort", {"scale": False, "sort_samples": 16}, "average"),
+                ("k=2", {"k": 2}, "average")]
+    stacks: dict = {}
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="bitstack-lowbit-"))
+    try:
+        for vname, kw, order in variants:
+            key = json.dumps(kw, sort_keys=True)
+            if key not in stacks:
+                t0 = time.perf_counter()
+                cfg = bs.BitStackConfig(model=args.model, out=str(tmp / f"s{len(stacks)}"), niter=4,
+                                        threads=args.threads, **{"calib_samples": args.calib_samples,
+                                                                 "sort_samples": args.sort_samples, **kw})
+                stacks[key] = bs.main(cfg)
+                print(f"built {vname} stack in {time.perf_counter() - t0:.0f} s", flush=True)
+            stack = stacks[key]
+            if order == "average" and not kw:
+                res["lowbit_order_prefix"] = bs.read_order(stack)["orders"]["average"]
+            sizes = bs.read_order(stack)["sizes"][order]
+            seen: dict = {}
+            for qrow in quants:
+                for acc in ("bytes", "bytes_fp16_zero"):
+                    budget = qrow[acc]
+                    steps = bs.pick_steps(sizes, budget)
+                    if steps < 0 or steps >= len(sizes) - 1:
+                        continue
+                    if steps not in seen:
+                        seen[steps] = evalset.chunk_bits(bs.load(stack, sizes[steps], order=order))
+                    ch = seen[steps]
+                    d = quant.paired_bpb_diff(ch, base_chunks[qrow["name"]], evalset)
+                    rows.append({"variant": vname, "vs": qrow["name"], "accounting": acc, "budget": budget,
+                                 "bitstack_bytes": sizes[steps], "bits_per_param": bpp(budget),
+                                 "bitstack_bpb": _bpb(ch, evalset), "other_bpb": qrow["bpb"],
+                                 "bitstack_minus_other": d["diff"], "se": d["se"]})
+                    r = rows[-1]
+                    print(f"| {vname} | {qrow['name']} ({'b-bit' if acc == 'bytes' else 'fp16'} zero) | "
+                          f"{r['bits_per_param']:.3f} | {r['bitstack_bpb']:.4f} | {r['other_bpb']:.4f} | "
+                          f"{d['diff']:+.4f} +/- {d['se']:.4f} |", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["lowbit_quant"] = quants
+    res["lowbit"] = rows
+    low = [r for r in rows if r["variant"].startswith("default") and r["accounting"] == "bytes"
+           and r["bits_per_param"] <= 2.1]
+    res["gates"]["bitstack_beats_rtn_gptq_by_0.5_at_<=2.1_bits (issue accounting)"] = all(
+        r["bitstack_minus_other"] <= -0.5 for r in low)
+
+
+def part_orders(args, model, evalset, res: dict) -> None:
+    """Sorted vs random (several seeds) vs uniform at budgets across the range, with paired SEs."""
+    from lmlab.compress import bitstack as bs
+    from lmlab.compress import quant
+
+    lins = quant.find_linears(model, quant.DEFAULT_MODULES)
+    n_params = sum(lin.weight.numel() for lin in lins.values())
+    extra = quant.extra_bytes(model, lins)
+    tmp = Path(args.stack) if args.stack else Path(tempfile.mkdtemp(prefix="bitstack-orders-")) / "stack"
+    try:
+        if not (tmp / "order.json").is_file():
+            t0 = time.perf_counter()
+            bs.main(bs.BitStackConfig(model=args.model, out=str(tmp), niter=args.niter,
+                                      calib_samples=args.calib_samples, sort_samples=args.sort_samples,
+                                      threads=args.threads))
+            print(f"built the stack in {time.perf_counter() - t0:.0f} s", flush=True)
+        meta = bs.read_meta(tmp)
+        n = len(meta["stacks"])
+        bb = [s["block_bytes"] for s in meta["stacks"]]
+        orders = {"sorted": bs.read_order(tmp)["orders"]["average"]}
+        for seed in range(args.random_seeds):
+            orders[f"random{seed}"] = bs.order_random(n, args.niter - 1, seed)
+        sizes = {k: bs.size_table(meta["base_bytes"], bb, v) for k, v in orders.items()}
+        level_bytes = [meta["base_bytes"] + b * sum(bb) for b in range(args.niter)]
+
+        def bits(total: float) -> float:
+            return (total - extra) * 8 / n_params
+
+        budgets = [(level_bytes[i] + level_bytes[i + 1]) // 2 for i in range(args.niter - 1)]
+        rows = []
+        for budget in budgets:
+            ch = {}
+            for name, seq in orders.items():
+                steps = bs.pick_steps(sizes[name], budget)
+                ch[name] = evalset.chunk_bits(bs.build(tmp, bs.counts_at(seq, n, steps)))
+            ub = max(i for i, lb in enumerate(level_bytes) if lb <= budget) + 1
+            ch["uniform"] = evalset.chunk_bits(bs.build(tmp, [ub] * n))
+            vs = {name: quant.paired_bpb_diff(ch["sorted"], ch[name], evalset) for name in ch if name != "sorted"}
+            rnd = [vs[k]["diff"] for k in vs if k.startswith("random")]
+            row = {"budget": budget, "bits_per_param": bits(budget), "sorted": _bpb(ch["sorted"], evalset),
+                   "uniform": _bpb(ch["uniform"], evalset), "uniform_blocks": ub,
+                   "random": {k: _bpb(ch[k], evalset) for k in ch if k.startswith("random")},
+                   "sorted_minus": vs, "sorted_minus_random_mean": float(np.mean(rnd)),
+                   "sorted_minus_random_sd_over_seeds": float(np.std(rnd, ddof=1)) if len(rnd) > 1 else 0.0,
+                   "random_wins": sum(d > 0 for d in rnd)}
+            rows.append(row)
+            print(f"| {row['bits_per_param']:.2f} | {row['sorted']:.5f} | {np.mean(list(row['random'].values())):.5f}"
+                  f" | {row['sorted_minus_random_mean']:+.5f} (seed sd {row['sorted_minus_random_sd_over_seeds']:.5f}"
+                  f"; {row['random_wins']}/{len(rnd)} seeds better) | {vs['uniform']['diff']:+.5f} +/- "
+                  f"{vs['uniform']['se']:.5f} ({ub}) | max paired se vs random "
+                  f"{max(vs[k]['se'] for k in vs if k.startswith('random')):.5f} |", flush=True)
+        res["orders"] = rows
+    finally:
+        if not args.stack:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def followup(args) -> None:
+    from lmlab.compress import quant
+    from lmlab.core.models import load
+
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    evalset = quant.EvalSet.build(tok, "code,prose,math", args.max_tokens)
+    out = Path(args.out)
+    if out.name == "compress.json":
+        out = out.with_name(f"compress_{args.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res: dict = {"model": args.model, "settings": vars(args), "gates": {},
+                 "eval_tokens_per_source": {k: int(v[0].size) for k, v in evalset.streams.items()}}
+    t0 = time.perf_counter()
+    if args.part == "jra":
+        print("| group | keep | params joint / separate | ranks | rel. Frobenius error | joint | separate | "
+              "joint - separate (paired se) |\n|---|---|---|---|---|---|---|---|")
+        part_jra(args, model, evalset, res)
+    elif args.part == "lowbit":
+        print("| BitStack variant | vs | bits/param | BitStack | other | BitStack - other (paired se) |\n"
+              "|---|---|---|---|---|---|")
+        part_lowbit(args, model, tok, evalset, res)
+    else:
+        print("| bits/param | sorted | random (mean) | sorted - random | sorted - uniform (blocks) | |\n"
+              "|---|---|---|---|---|---|")
+        part_orders(args, model, evalset, res)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    for k, v in res["gates"].items():
+        print(f"  {'PASS' if v else 'FAIL'}  {k}")
+    print(f"wrote {out} ({res['seconds']} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ref:dense")
@@ -101,7 +344,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/compress.json")
     ap.add_argument("--stack", default=None, help="keep the BitStack folder here (default: a temp dir)")
+    ap.add_argument("--part", default="all", choices=["all", "jra", "lowbit", "orders"],
+                    help="all: the full table; jra / lowbit / orders: one follow-up with paired standard errors "
+                         "(writes compress_<part>.json)")
+    ap.add_argument("--jra-groups", nargs="+", default=["qk", "qkv", "gate_up"])
+    ap.add_argument("--random-seeds", type=int, default=5, help="random orders compared in --part orders")
     args = ap.parse_args()
+    if args.part != "all":
+        logging.basicConfig(level=logging.WARNING)
+        followup(args)
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 

@@ -189,3 +189,15 @@ def test_interrupted_sort_resumes(small_stack, text_file, tmp_path):
         (out / "results.json").unlink()
         bs.main(bs.BitStackConfig(out=str(run), niter=4, calib=str(text_file), calib_samples=4, sort_samples=2,
                                   seqlen=32))
+
+
+def test_rank_k_above_one_saves_and_loads(ref_zoo, tmp_path):
+    """An overridden k > 1 (the issue's "k overridable") builds, saves and loads with exact byte accounting."""
+    out = bs.main(bs.BitStackConfig(out=str(tmp_path / "k3"), niter=2, k=3, data_free=True,
+                                    modules=["q_proj"]))
+    meta = bs.read_meta(out)
+    assert {s["k"] for s in meta["stacks"]} == {3}
+    m = bs.load(out, dtype=torch.float16)
+    assert bs.weight_bytes(m) == m.bitstack.bytes
+    mod = m.get_submodule(meta["stacks"][0]["name"])
+    assert tuple(mod.b0_u.shape) == (meta["stacks"][0]["shape"][0], 3)

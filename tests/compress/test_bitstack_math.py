@@ -101,3 +101,11 @@ def test_size_table_and_pick_steps():
     assert sizes == [100, 110, 130, 140]
     assert bs.pick_steps(sizes, 129) == 1 and bs.pick_steps(sizes, 130) == 2 and bs.pick_steps(sizes, 99) == -1
     assert bs.counts_at([0, 1, 0], 2, 3) == [3, 2]
+
+
+def test_avd_block_factors_are_contiguous_for_k_above_one():
+    torch.manual_seed(0)
+    for k in (1, 2, 5):
+        _, u, vt, _ = bs.avd_block(torch.randn(24, 40), k)
+        assert u.shape == (24, k) and vt.shape == (k, 40)
+        assert u.is_contiguous() and vt.is_contiguous()  # safetensors refuses non-contiguous tensors

@@ -129,8 +129,8 @@ def avd_block(R: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     S = torch.where(R >= 0, 1.0, -1.0)  # (m, n), sign(0) = +1
     U, sig, Vh = torch.linalg.svd(R.abs(), full_matrices=False)  # (m,r) (r,) (r,n)
     root = sig[:k].sqrt()
-    u = (U[:, :k] * root).half()  # (m, k)
-    vt = (root[:, None] * Vh[:k]).half()  # (k, n)
+    u = (U[:, :k] * root).half().contiguous()  # (m, k); contiguous for safetensors when k > 1
+    vt = (root[:, None] * Vh[:k]).half().contiguous()  # (k, n)
     return pack_signs(S), u, vt, R - S * (u.float() @ vt.float())
 
 

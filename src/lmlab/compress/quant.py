@@ -206,6 +206,35 @@ class EvalSet:
         return {"bpb": float(np.mean([d["bpb"] for d in doms.values()])),
                 "ppl": float(np.mean([d["ppl"] for d in doms.values()])), "domains": doms}
 
+    def chunk_bits(self, model: Any, batch_size: int = 8) -> dict[str, np.ndarray]:
+        """Per source, the bits (summed NLL / ln 2) of each consecutive chunk of ``window - 1`` scored tokens:
+        ``{name: (n_chunks,)}``; ``chunks.sum() / n_bytes`` is the source's bits/byte. For paired comparisons
+        (:func:`paired_bpb_diff`)."""
+        from lmlab.core.metrics import token_nll
+
+        out = {}
+        for name, (ids, _) in self.streams.items():
+            nll = token_nll(model, ids, window=self.window, batch_size=batch_size).double().numpy()  # (N-1,)
+            c = self.window - 1
+            n = -(-nll.size // c)
+            out[name] = np.array([nll[i * c:(i + 1) * c].sum() for i in range(n)]) / math.log(2)  # (n_chunks,)
+        return out
+
+
+def paired_bpb_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], evalset: EvalSet) -> dict[str, float]:
+    """Bits/byte of ``a`` minus ``b`` (mean over sources, as :meth:`EvalSet.evaluate`) with its standard error
+    from the per-chunk differences on the same text (a paired estimate: the text's own difficulty cancels)::
+
+        diff_s = sum_c (a_c - b_c) / bytes_s         se_s = sqrt(n_c var_c(a_c - b_c)) / bytes_s
+        diff   = mean_s diff_s                       se   = sqrt(sum_s se_s^2) / n_sources
+    """
+    diffs, ses = [], []
+    for name, (_, n_bytes) in evalset.streams.items():
+        d = a[name] - b[name]  # (n_chunks,)
+        diffs.append(d.sum() / n_bytes)
+        ses.append(math.sqrt(d.size * d.var(ddof=1)) / n_bytes if d.size > 1 else 0.0)
+    return {"diff": float(np.mean(diffs)), "se": float(math.sqrt(sum(s * s for s in ses)) / len(ses))}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # RTN
