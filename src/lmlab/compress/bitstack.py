@@ -97,15 +97,15 @@ def pack_signs(R: torch.Tensor) -> torch.Tensor:
     bits = (R.reshape(-1) >= 0).to(torch.uint8)
     pad = (-bits.numel()) % 8
     if pad:
-        bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=R.device)
     return (bits.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)  # (ceil(numel/8),)
 
 
 def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_signs`: float32 tensor of +-1 with ``shape``."""
     numel = math.prod(shape)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1  # (bytes, 8)
     return bits.reshape(-1)[:numel].float().mul_(2).sub_(1).reshape(shape)
 
@@ -148,7 +148,7 @@ def avd_decompose(W: torch.Tensor, niter: int, k: int) -> tuple[list[tuple[torch
 def reconstruct(blocks: list[tuple[torch.Tensor, ...]], shape: tuple[int, int],
                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """``W_hat = (sum_i unpack(S_i) * (u_i @ vt_i)) diag(1/s)`` (fp32, ``shape``)."""
-    W = torch.zeros(shape)
+    W = torch.zeros(shape, device=blocks[0][1].device if blocks else "cpu")
     for packed, u, vt in blocks:
         W += unpack_signs(packed, shape) * (u.float() @ vt.float())
     if scale is not None:
@@ -647,7 +647,7 @@ def proxy_scores(model: nn.Module, mods: list[BitStackLinear], niter: int) -> li
         blocks = [(getattr(mod, f"b{i}_signs"), getattr(mod, f"b{i}_u"), getattr(mod, f"b{i}_vt"))
                   for i in range(mod.n_blocks)]
         full = reconstruct(blocks, shape, mod.scale)
-        part = torch.zeros(shape)
+        part = torch.zeros(shape, device=full.device)
         e = []
         for packed, u, vt in blocks:
             part += unpack_signs(packed, shape) * (u.float() @ vt.float())
