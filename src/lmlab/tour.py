@@ -125,6 +125,7 @@ SECTIONS: dict[str, Callable[[TourConfig, Path], tuple[Path, str]]] = {
     "exam_irt": _lazy("lmlab.evaluate.exam:tour_section"),
     "compress": _lazy("lmlab.compress.bitstack:tour_section"),
     "sae": _lazy("lmlab.interp.sae:tour_section"),
+    "sae_generalization": _lazy("lmlab.interp.generalization:tour_section"),
     "universality": _lazy("lmlab.interp.circuits:tour_section"),
     "data_mix": _lazy("lmlab.data.mixing:tour_section"),
     "comments": _lazy("lmlab.data.comments:tour_section"),

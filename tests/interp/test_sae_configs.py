@@ -9,11 +9,14 @@ import yaml
 
 from lmlab.config import resolve, to_dict
 from lmlab.interp.dashboard import SAEDashboardConfig
+from lmlab.interp.generalization import TransferConfig
+from lmlab.interp.geometry import GeometryConfig
 from lmlab.interp.sae import SAEEvalConfig, SAETrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = {"interp sae train": SAETrainConfig, "interp sae eval": SAEEvalConfig,
-           "interp sae dashboard": SAEDashboardConfig}
+           "interp sae dashboard": SAEDashboardConfig, "interp sae transfer": TransferConfig,
+           "interp sae geometry": GeometryConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "interp").glob("*.yaml")), ids=lambda p: p.name)

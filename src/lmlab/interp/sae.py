@@ -463,12 +463,18 @@ class TrainState:
 
 
 def train_step(sae: SAE, x: torch.Tensor, y: torch.Tensor, k: int, dead: torch.Tensor | None = None,
-               k_aux: int = 0, aux_coef: float = 1 / 32) -> dict[str, Any]:
+               k_aux: int = 0, aux_coef: float = 1 / 32, dist: Any = None) -> dict[str, Any]:
     """Loss of one batch (in the SAE's normalized space): x (N, d_in), y (N, d_out) raw activations.
 
-    Returns ``loss`` (a graph), ``fvu``, ``aux``, the TopK ``idx`` (N, k) and ``vals``."""
+    Returns ``loss`` (a graph), ``fvu``, ``aux``, the TopK ``idx`` (N, k) and ``vals``. With ``dist`` (a
+    :class:`lmlab.interp.sae_dist.DistContext`) x/y are the global batch: this rank computes its row shard's part
+    of the global FVU (summed over ranks = the single-process loss)."""
     x = x * sae.scale_in
     y = y * sae.scale_out
+    den = None
+    if dist is not None:
+        den = (y - y.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)  # global-batch FVU denominator
+        x, y = dist.shard(x), dist.shard(y)
     with torch.no_grad():
         n = sae.dec_norm() if sae.topk_by_decoder_norm else torch.ones(sae.d_sae, device=x.device)  # (d_sae,)
         # score = ReLU(h) * n before the ReLU: one dense matmul with the norms folded into W_E's columns
@@ -492,13 +498,13 @@ def train_step(sae: SAE, x: torch.Tensor, y: torch.Tensor, k: int, dead: torch.T
     h = _SparseEncode.apply(x, sae.W_enc, sae.b_enc, all_idx, all_pre, segments).relu()  # (N, k [+ m])
     vals = h[:, :k]
     y_hat = _SparseDecode.apply(vals, idx, sae.W_dec, main_plan) + sae.b_dec  # (N, d_out)
-    rec = fvu(y_hat, y)
+    rec = fvu(y_hat, y) if den is None else (y_hat - y).pow(2).sum() / den
     loss = rec
     aux = torch.zeros(())
     if use_aux:
         e = (y - y_hat).detach()  # residual the dead latents should explain
         e_hat = _SparseDecode.apply(h[:, k:], aux_idx, sae.W_dec, aux_plan)
-        aux = fvu(e_hat, e)
+        aux = fvu(e_hat, e) if dist is None else (e_hat - e).pow(2).sum() / dist.global_denom(e)
         loss = loss + aux_coef * aux
     return {"loss": loss, "fvu": rec.detach(), "aux": aux.detach(), "idx": idx, "vals": vals0}  # idx (N, k)
 
@@ -681,9 +687,13 @@ def main_train(cfg: SAETrainConfig) -> Path:
     from lmlab.core.plotting import line_plot
     from lmlab.core.runs import load_tensors, read_json, save_tensors, start_run, write_json
     from lmlab.core.runtime import setup
+    from lmlab.interp import sae_dist
     from lmlab.interp.activations import ActivationStore, open_source
 
     dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
+    ddp, dev = sae_dist.init_from_env(dev)  # under torchrun: data-parallel (see lmlab.interp.sae_dist)
+    if ddp is not None and (not cfg.out or cfg.cache):
+        raise ConfigError("torchrun SAE training needs --out (all ranks share the run dir) and no --cache")
     model, tok = load(cfg.model, dev, dtype, cfg.trust_remote_code)
     pairs = resolve_pairs(model, cfg.hooks)  # unknown hook -> LmlabError before the run dir
     names = sorted({h for p in pairs for h in p})
@@ -698,10 +708,18 @@ def main_train(cfg: SAETrainConfig) -> Path:
     steps = max(1, cfg.n_tokens // cfg.batch_size)
     warmup = min(cfg.warmup_steps, steps // 10)
     ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
-    with start_run(cfg, "interp-sae-train", device=dev, dtype=dtype, threads=threads) as run:
+    run_cfg = cfg
+    if ddp is not None and ddp.rank > 0:  # only rank 0 writes the run dir; the others use a scratch dir
+        import dataclasses
+        import tempfile
+
+        run_cfg = dataclasses.replace(cfg, out=tempfile.mkdtemp(prefix=f"lmlab-sae-rank{ddp.rank}-"))
+    with start_run(run_cfg, "interp-sae-train", device=dev, dtype=dtype, threads=threads) as run:
         gen = torch.Generator().manual_seed(cfg.seed)
         buffer = min(cfg.buffer_tokens, max(cfg.n_tokens, 2 * cfg.batch_size))
         store = ActivationStore(source, pairs, buffer_tokens=buffer, batch_size=cfg.batch_size, seed=cfg.seed)
+        if ddp is not None:
+            store._rows = sae_dist.token_rows(source, ddp)
         states: dict[tuple[str, str], TrainState] = {}
         for p in pairs:
             d_in, d_out = dims[p[0]], dims[p[1]]
@@ -711,7 +729,7 @@ def main_train(cfg: SAETrainConfig) -> Path:
             opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
             states[p] = TrainState(sae, opt, torch.zeros(d_sae[p], dtype=torch.long),
                                    torch.zeros(d_sae[p], dtype=torch.long))
-        ck = run.path / "checkpoint"
+        ck = (Path(cfg.out) if ddp is not None else run.path) / "checkpoint"
         start = 0
         if (ck / "state.json").is_file():  # resume an interrupted run
             info = read_json(ck / "state.json")
@@ -745,22 +763,29 @@ def main_train(cfg: SAETrainConfig) -> Path:
                 dead = (st.since_fired >= dead_after).to(dev) if cfg.auxk else None
                 for g in st.opt.param_groups:
                     g["lr"] = cfg.lr * f
-                out = train_step(st.sae, x, y, k_t, dead, k_aux[p], cfg.auxk_coef)
+                out = train_step(st.sae, x, y, k_t, dead, k_aux[p], cfg.auxk_coef, ddp)
                 st.opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
+                if ddp is not None:
+                    ddp.all_reduce_grads(st.sae)
                 if cfg.clip_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(st.sae.parameters(), cfg.clip_grad_norm)
                 st.opt.step()
                 active = out["idx"][out["vals"] > 0].reshape(-1).cpu()  # latents that fired in this batch
+                fired = torch.bincount(active, minlength=st.sae.d_sae)  # (d_sae,)
+                fvu_aux = torch.stack([out["fvu"].cpu(), out["aux"].cpu()]).double()
+                if ddp is not None:  # global firing counts and loss: every rank keeps identical bookkeeping
+                    both = ddp.all_reduce(torch.cat([fired.double(), fvu_aux]))
+                    fired, fvu_aux = both[:-2].round().long(), both[-2:]
                 st.since_fired += x.shape[0]
-                st.since_fired[active] = 0
-                st.fired_count += torch.bincount(active, minlength=st.sae.d_sae)
+                st.since_fired[fired > 0] = 0
+                st.fired_count += fired
                 st.tokens += x.shape[0]
-                loss_v = float(out["fvu"])
+                loss_v = float(fvu_aux[0])
                 if not math.isfinite(loss_v):
                     raise LmlabError(f"{p[0]}: loss became {loss_v} at step {step + 1}; lower --lr")
                 key = _sae_dirname(*p)
-                st.last = {"fvu": loss_v, "aux": float(out["aux"]), "k": k_t,
+                st.last = {"fvu": loss_v, "aux": float(fvu_aux[1]), "k": k_t,
                            "dead_frac": float((st.since_fired >= dead_after).float().mean())}
                 rec[key] = st.last
                 curves[key].append(1.0 - loss_v)
@@ -768,7 +793,7 @@ def main_train(cfg: SAETrainConfig) -> Path:
                 run.log(rec)
                 bar.set_postfix(ev=f"{1 - next(iter(states.values())).last['fvu']:.3f}")
             stop = cfg.stop_after > 0 and step + 1 - start >= cfg.stop_after and step + 1 < steps
-            if ((step + 1) % ckpt_every == 0 and step + 1 < steps) or stop:
+            if (((step + 1) % ckpt_every == 0 and step + 1 < steps) or stop) and (ddp is None or ddp.rank == 0):
                 ck.mkdir(exist_ok=True)
                 saes_info = {}
                 for p, st in states.items():
@@ -781,6 +806,14 @@ def main_train(cfg: SAETrainConfig) -> Path:
                 raise LmlabError(f"stopped after step {step + 1} of {steps} (stop_after={cfg.stop_after}); rerun "
                                  f"with --out {run.path} to resume")
         bar.close()
+        if ddp is not None and ddp.rank > 0:  # rank 0 saves and evaluates; this rank's scratch dir goes at exit
+            import atexit
+            import shutil
+
+            run.finish({"rank": ddp.rank})
+            atexit.register(shutil.rmtree, run.path, True)
+            sae_dist.close()
+            return Path(cfg.out)
         results: dict[str, Any] = {"model": cfg.model, "steps": steps, "batch_size": cfg.batch_size,
                                    "tokens_per_sae": steps * cfg.batch_size, "lm_forward_calls": source.forward_calls,
                                    "saes": {}}
@@ -788,7 +821,8 @@ def main_train(cfg: SAETrainConfig) -> Path:
         for p, st in states.items():
             sae = st.sae.fold().eval().cpu()
             sae.meta.update({"k": cfg.k, "train_tokens": st.tokens, "seed": cfg.seed, "auxk": cfg.auxk,
-                             "normalize": cfg.normalize, "lmlab_command": "interp sae train"})
+                             "normalize": cfg.normalize, "lmlab_command": "interp sae train",
+                             "seq_len": cfg.seq_len, "world_size": ddp.world if ddp else 1})
             density = st.fired_count.float() / max(1, st.tokens)
             saved[p] = save_sae(sae, run.path / "saes" / _sae_dirname(*p), torch.log10(density + 1e-10))
             results["saes"][_sae_dirname(*p)] = {"path": str(saved[p].relative_to(run.path)), "d_in": sae.d_in,
@@ -810,6 +844,8 @@ def main_train(cfg: SAETrainConfig) -> Path:
 
             shutil.rmtree(ck, ignore_errors=True)
         run.finish(results)
+    if ddp is not None:
+        sae_dist.close()
     return run.path
 
 
@@ -1041,9 +1077,14 @@ class SAEEvalConfig(RunArgs):
     """Prepend BOS (excluded from the metrics)."""
     trust_remote_code: bool = False
     """Allow custom modelling code (only for a source you trust)."""
+    context: list[int] = field(default_factory=list)
+    """Context lengths to sweep, e.g. 64,128,256,512: EV, delta CE and L0 per length and per token-position bin
+    (lmlab.interp.generalization); empty: no sweep."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if any(c < 2 for c in self.context):
+            raise ConfigError(f"context lengths must be >= 2, got {self.context}")
         if self.splice not in ("each", "all", "both"):
             raise ConfigError(f"splice must be each|all|both, got {self.splice!r}")
         bad = [m for m in self.jumprelu if m not in JUMPRELU]
@@ -1092,6 +1133,10 @@ def main_eval(cfg: SAEEvalConfig) -> Path:
     saes, model_name, model, tok, names = load_saes_and_model(cfg, dev, dtype)
     common = dict(data=cfg.data, max_bytes=cfg.max_bytes, seq_len=cfg.seq_len, lm_batch=cfg.lm_batch,
                   prepend_bos=cfg.prepend_bos, seed=cfg.seed)
+    if cfg.context:
+        from lmlab.interp.generalization import check_context, context_sweep
+
+        check_context(model, cfg.context)  # before the run dir: a too-long context is one clear error
     with start_run(cfg, "interp-sae-eval", device=dev, dtype=dtype, threads=threads) as run:
         val = open_source(model, tok, names, split="val", **common)
         res = evaluate_saes(model, val, saes, cfg.tokens, cfg.splice)
@@ -1112,6 +1157,10 @@ def main_eval(cfg: SAEEvalConfig) -> Path:
             series[f"jumprelu {m}"] = [r["saes"][k]["explained_variance"] for k in keys if k in r["saes"]]
         series = {k: v for k, v in series.items() if len(v) == len(keys)}
         bar_plot(run.plots / "explained_variance.png", keys, series, title="explained variance", ylabel="EV")
+        if cfg.context:
+            results["context"] = context_sweep(model, tok, names, saes, cfg.context, cfg.tokens, data=cfg.data,
+                                               max_bytes=cfg.max_bytes, lm_tokens=cfg.lm_batch * cfg.seq_len,
+                                               prepend_bos=cfg.prepend_bos, seed=cfg.seed, plots=run.plots)
         run.finish(results)
     return run.path
 
