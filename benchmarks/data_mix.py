@@ -194,14 +194,21 @@ def summary(out: dict) -> str:
         p = out[key]
         h = p["holdout"]
         lines.append(f"{key} {p.get('overrides') or ''}: held-out MARE {100 * h['mean_abs_rel_error']:.2f}% "
-                     f"({h['fit_mixtures']} fit / {h['holdout_mixtures']} held out)")
+                     f"({h['fit_mixtures']} fit / {h['holdout_mixtures']} held out)"
+                     + (f"; leave-one-out over all {h['fit_mixtures'] + h['holdout_mixtures']}: "
+                        f"{100 * h['loo_mean_abs_rel_error']:.2f}%" if "loo_mean_abs_rel_error" in h else "")
+                     + (f"; {h['seeds']} seeds, per-run seed sd " + ", ".join(f"{d} {v:.3f}" for d, v in
+                                                                             h["seed_sd"].items())
+                        if h.get("seed_sd") else ""))
         if "verification" in p:
             v = p["verification"]
             for k in ("optimum", "uniform"):
                 s = v[k]["step_law_from_quarter"]
-                lines.append(f"  {k}: measured {v[k]['measured']:.4f} predicted {v[k]['predicted']:.4f} "
-                             f"(rel err {100 * v[k]['rel_error']:.2f}%); step law from 1/4: "
-                             + (f"{100 * s['rel_error']:.2f}%" if s else "n/a"))
+                lines.append(f"  {k} {p[k]['mixture'] if k in p else ''}: measured {v[k]['measured']:.4f} "
+                             f"predicted {v[k]['predicted']:.4f} (rel err {100 * v[k]['rel_error']:.2f}%); "
+                             "step law from 1/4: " + (f"{100 * s['rel_error']:.2f}%" if s else "n/a")
+                             + (f"; per-domain {v[k]['per_domain']}, seed sd {v[k]['seed_sd']}"
+                                if v[k].get("seed_sd") else ""))
     return "\n".join(lines)
 
 

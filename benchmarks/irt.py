@@ -7,9 +7,16 @@
   - CML: ``lmlab.evaluate.irt.cml_fit`` (Newton, exact Hessian, SEs) vs ``girth.rasch_conditional`` (no SEs);
     girth's b is centred to sum 0 before comparing.
   - MML: ``lmlab.evaluate.irt.mml_fit(sigma=1)`` (21-node Gauss-Hermite, Newton, observed-information SEs) vs
-    ``girth.rasch_mml`` (discrimination 1, girth's own quadrature); their estimates differ by the quadrature
-    (the spec measured ltm -2.872 vs girth -2.893 on LSAT-6 item 1), so the max difference is reported, not
-    required to be < 1e-3.
+    ``girth.rasch_mml`` (discrimination 1); the max difference is reported.
+* **Equal-quadrature agreement** (``girth_agreement``): girth 0.8's ``rasch_mml`` with a fixed discrimination does
+  *not* maximise the marginal likelihood: it makes one pass of ``_mml_abstract``, which sets each item's b so the
+  model's marginal proportion correct, ∫ σ(θ - b) φ(θ) dθ over 41 Gauss-Legendre nodes on [-4.5, 4.5], equals
+  the observed proportion (``fminbound``, xtol 1e-4). With girth's quadrature we therefore compare (a) that
+  marginal-moment estimator re-implemented here vs girth (same algorithm: agreement ~1e-4, girth's xtol),
+  (b) ``mml_fit(quadrature="legendre", n_nodes=41)`` vs an independent maximiser of the same marginal likelihood
+  (torch L-BFGS with autograd; same algorithm: ~1e-8), (c) the marginal log-likelihood, under girth's own
+  quadrature, at girth's b and at lmlab's b (lmlab's is higher: girth's point is not the MML maximum), and
+  (d) lmlab MML vs girth at equal quadrature (different estimators: the gap shrinks with persons).
 * **Exam runner items/s**: ``lmlab eval exam`` vs ``lm_eval`` (``generate_until`` on a local JSONL task) on the
   same model (``ref:dense``), the same built-in math items, the same greedy budget, one thread. Skipped when
   ``lm_eval`` is not installed.
@@ -101,6 +108,74 @@ def lsat_check() -> dict:
             "mml_ltm_published": [-2.872, -1.063, -0.2576, -1.3881, -2.2188]}
 
 
+def marginal_moment_b(X: np.ndarray, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """girth's fixed-discrimination "MML" estimator: b_i solving Σ_q w_q σ(z_q - b_i) = mean_v x_vi."""
+    from scipy.optimize import brentq
+
+    from lmlab.evaluate import irt
+
+    return np.array([brentq(lambda b: float(irt.sigmoid(z - b) @ w) - p, -30, 30, xtol=1e-12)  # noqa: B023
+                     for p in np.nanmean(X, 0)])
+
+
+def torch_mml(X: np.ndarray, z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Independent Rasch MML (σ = 1): maximise Σ_v log Σ_q w_q Π_i P(x_vi | z_q) with torch L-BFGS + autograd."""
+    import torch
+    import torch.nn.functional as F
+
+    Xt, zt, lw = torch.tensor(X, dtype=torch.float64), torch.tensor(z), torch.log(torch.tensor(w))
+    b = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([b], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def nll():
+        opt.zero_grad()
+        eta = zt[:, None] - b[None, :]  # (Q, L)
+        ll = Xt @ F.logsigmoid(eta).T + (1 - Xt) @ F.logsigmoid(-eta).T  # (N, Q)
+        v = -torch.logsumexp(ll + lw[None, :], 1).sum()
+        v.backward()
+        return v
+
+    opt.step(nll)
+    return b.detach().numpy()
+
+
+def marginal_loglik(X: np.ndarray, b: np.ndarray, z: np.ndarray, w: np.ndarray) -> float:
+    from lmlab.evaluate import irt
+
+    eta = z[:, None] - b[None, :]
+    L = X @ irt.log_sigmoid(eta).T + (1 - X) @ irt.log_sigmoid(-eta).T  # (N, Q)
+    m = L.max(1, keepdims=True)
+    return float((np.log(np.exp(L - m) @ w) + m[:, 0]).sum())
+
+
+def girth_agreement(shapes: list[tuple[int, int]]) -> list[dict]:
+    import girth
+
+    from lmlab.evaluate import irt
+
+    z, w = irt.legendre_nodes(41, (-4.5, 4.5))  # girth 0.8 defaults: quadrature_n 41, bounds (-4.5, 4.5)
+    rows = []
+    for name, X in [("LSAT-6", irt.lsat6()), *((f"{L} x {N}", simulate(N, L)) for L, N in shapes)]:
+        g = np.asarray(girth.rasch_mml(X.T.astype(int), discrimination=1)["Difficulty"], float)
+        mom = marginal_moment_b(X, z, w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            leg = irt.mml_fit(X, sigma=1.0, n_nodes=41, quadrature="legendre").b
+            gh = irt.mml_fit(X, sigma=1.0).b
+        ind = torch_mml(X, z, w)
+        rows.append({"matrix": name, "items": X.shape[1], "persons": X.shape[0],
+                     "girth_vs_moment_estimator": float(np.abs(g - mom).max()),
+                     "lmlab_mml_vs_independent_mml": float(np.abs(leg - ind).max()),
+                     "loglik_at_girth_b": marginal_loglik(X, g, z, w),
+                     "loglik_at_lmlab_b": marginal_loglik(X, leg, z, w),
+                     "lmlab_mml_legendre_vs_girth": float(np.abs(leg - g).max()),
+                     "lmlab_mml_gh21_vs_girth": float(np.abs(gh - g).max()),
+                     "gh21_vs_legendre41": float(np.abs(gh - leg).max())})
+        print(rows[-1], flush=True)
+    return rows
+
+
 LMEVAL_YAML = """task: lmlab_math
 dataset_path: json
 dataset_kwargs:
@@ -173,12 +248,18 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=24)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--skip-lmeval", action="store_true")
+    ap.add_argument("--only-agreement", action="store_true",
+                    help="run only the equal-quadrature girth agreement; keep the other results in --out")
     ap.add_argument("--out", default="benchmarks/results/irt.json")
     a = ap.parse_args()
-    res = {"python": sys.version.split()[0], "threads": a.threads,
-           "lsat6": lsat_check(),
-           "fits": fit_bench([(300, 50), (40, 5000), (100, 1000)], a.reps)}
-    if not a.skip_lmeval:
+    shapes = [(300, 50), (40, 5000), (100, 1000)]
+    prev = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
+    if a.only_agreement:
+        res = {**prev, "girth_agreement": girth_agreement(shapes)}
+    else:
+        res = {**prev, "python": sys.version.split()[0], "threads": a.threads, "lsat6": lsat_check(),
+               "fits": fit_bench(shapes, a.reps), "girth_agreement": girth_agreement(shapes)}
+    if not a.skip_lmeval and not a.only_agreement:
         res["exam"] = exam_bench(a.items, a.max_new, a.batch)
         print(res["exam"], flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -186,11 +267,19 @@ def main() -> None:
     print("| items x persons | lmlab CML s | girth CML s | ratio | max abs diff b | lmlab MML s | girth MML s | "
           "ratio | MML diff (21 nodes) | MML diff (61 nodes) | 21 vs 61 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in res["fits"]:
+    for r in res.get("fits", []):
         print(f"| {r['items']} x {r['persons']} | {r['cml_s']} | {r['girth_cml_s']} | "
               f"{r['cml_ratio_lmlab_over_girth']} | {r['cml_max_abs_diff']:.1e} | {r['mml_s']} | {r['girth_mml_s']} | "
               f"{r['mml_ratio_lmlab_over_girth']} | {r['mml_max_abs_diff']:.3f} | {r['mml61_max_abs_diff']:.3f} | "
               f"{r['mml21_vs_61_max_abs_diff']:.3f} |")
+    print("\nEqual quadrature (girth's 41-node Gauss-Legendre on [-4.5, 4.5]):")
+    print("| matrix | girth vs marginal-moment re-impl. | lmlab MML vs independent MML | log-lik at girth b | "
+          "at lmlab b | lmlab MML vs girth | GH-21 vs Legendre-41 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["girth_agreement"]:
+        print(f"| {r['matrix']} | {r['girth_vs_moment_estimator']:.1e} | {r['lmlab_mml_vs_independent_mml']:.1e} | "
+              f"{r['loglik_at_girth_b']:.3f} | {r['loglik_at_lmlab_b']:.3f} | {r['lmlab_mml_legendre_vs_girth']:.3f} | "
+              f"{r['gh21_vs_legendre41']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,65 @@ def test_power_law_recovery(E, B, beta):
     assert g.beta == pytest.approx(0.45, rel=1e-4)
 
 
+def test_tied_power_laws_recover_shared_exponent():
+    x = np.arange(20, 241, 20, dtype=float)
+    truth = [(2.0, 30.0), (1.2, 5.0), (4.0, 12.0)]
+    ys = [X.power_law(x, E, B, 0.6) for E, B in truth]
+    fits = X.fit_power_laws_tied([x] * 3, ys)
+    for f, (E, B) in zip(fits, truth):
+        assert f.beta == pytest.approx(0.6, rel=1e-5)
+        assert abs(f.E - E) < 1e-5 * E and abs(f.B - B) < 1e-5 * B
+    # with noise the shared exponent is better determined than three separate ones
+    rng = np.random.default_rng(0)
+    err_tied, err_sep = [], []
+    for _ in range(20):
+        noisy = [y + rng.normal(0, 5e-3, len(y)) for y in ys]
+        tied = X.fit_power_laws_tied([x] * 3, noisy)
+        sep = [X.fit_power_law(x, y) for y in noisy]
+        err_tied.append(np.mean([abs(float(f.predict(2000.0)) - X.power_law(2000.0, E, B, 0.6))
+                                 for f, (E, B) in zip(tied, truth)]))
+        err_sep.append(np.mean([abs(float(f.predict(2000.0)) - X.power_law(2000.0, E, B, 0.6))
+                                for f, (E, B) in zip(sep, truth)]))
+    assert np.mean(err_tied) < np.mean(err_sep)
+    with pytest.raises(LmlabError, match="parameters"):
+        X.fit_power_laws_tied([x[:1], x[:1]], [ys[0][:1], ys[1][:1]])
+
+
+def test_nested_tied_size_law_extrapolates_exactly():
+    rng = np.random.default_rng(0)
+    R = rng.dirichlet(np.ones(3), 6)
+    sizes = np.array([2e4, 5e4, 1e5])
+    rows_R, rows_Y, rows_N = [], [], []
+    for r in R:  # L(N) = mix law + A / N^0.5 per domain (one exponent everywhere)
+        for N in sizes:
+            rows_R.append(r)
+            rows_N.append(N)
+            rows_Y.append([X.mix_law(r[None], 1.0 + j, np.roll([-2.0, 0.1, 0.2], j))[0] + (30.0 + j) / N ** 0.5
+                           for j in range(3)])
+    runs = X.Runs(domains=["a", "b", "c"], targets=["la", "lb", "lc"], R=np.array(rows_R), Y=np.array(rows_Y),
+                  steps=None, params=np.array(rows_N))
+    target = 1e6
+    for tie in (False, True):
+        Rn, Yn, info = X.nest(runs, target_params=target, tie_sizes=tie)
+        want = np.array([[X.mix_law(r[None], 1.0 + j, np.roll([-2.0, 0.1, 0.2], j))[0] + (30.0 + j) / target ** 0.5
+                          for j in range(3)] for r in Rn])
+        assert np.max(np.abs(Yn - want)) < 1e-3
+        assert len(info["size_fits"]) == 18
+    assert len({round(f["beta"], 9) for f in info["size_fits"]}) == 1  # tied: one exponent
+
+
+def test_average_records_over_seeds():
+    recs = [{"params": 10, "evals": [{"step": 0, "a": 5.0}, {"step": 2, "a": 3.0}, {"step": 4, "a": 2.0}]},
+            {"params": 10, "evals": [{"step": 0, "a": 5.0}, {"step": 2, "a": 3.5}, {"step": 4, "a": 2.4}]}]
+    avg = X.average_records(recs, ["a"])
+    assert [e["step"] for e in avg["evals"]] == [0, 2, 4] and avg["seeds"] == 2
+    assert avg["evals"][2]["a"] == pytest.approx(2.2) and avg["seed_sd"]["a"] == pytest.approx(np.std([2.0, 2.4],
+                                                                                                        ddof=1))
+    assert X.average_records(recs[:1], ["a"])["seed_sd"] is None
+    with pytest.raises(ConfigError, match="seeds"):
+        X.ProxyOptions(seeds=0)
+
+
 def test_implicit_aggregation_recovers_s():
     rng = np.random.default_rng(0)
     M, K = 3, 3

@@ -278,11 +278,13 @@ def test_exam_main_on_reference_model(ref_zoo, tmp_path):
 def test_tour_section_quick(ref_zoo, tmp_path):
     from lmlab.tour import TourConfig
 
-    path, summary = exam.tour_section(TourConfig(threads=1), tmp_path / "exam_irt")
+    path, summary = exam.tour_exam(TourConfig(threads=1), tmp_path / "exam_irt", taker_sizes=(32,),
+                                   taker_steps=(3, 6), taker_schedule=6)
     res = json.loads((path / "results.json").read_text())
-    assert set(res["models"]) == {"ref:dense", "ref:mamba"}
+    assert set(res["models"]) == {"ref:dense", "ref:mamba", "tiny-h32@3", "tiny-h32@6"}
     d1 = res["d1_human"]
-    assert len(d1) == 8 and d1["sim:rasch(θ=+0.5)"]["label"] in ("rasch_consistent", "steeper")
+    assert len(d1) == 10 and d1["sim:rasch(θ=+0.5)"]["label"] in ("rasch_consistent", "steeper")
+    assert "2 trained takers" in summary
     assert d1["sim:invariant(p=.6)"]["label"] in ("difficulty_invariant", "inverted")
     for plot in ("wright_map.png", "model_curves_human.png"):
         assert (path / "plots" / plot).is_file()
@@ -307,3 +309,25 @@ def test_open_items_take_imported_scores(server, tmp_path):
     assert res["ungraded"] == 1 and res["score"] == 11.0 and res["max"] == 12.0
     m = exam.build_matrix(list(rows.values()), "partial")
     assert m.values[0, 0] == pytest.approx(11 / 12) and np.isnan(m.values[0, 1])
+
+
+def test_checkpoint_takers_are_cached_real_models(ref_zoo, tmp_path):
+    import torch
+
+    from lmlab.core.models import load_model
+
+    out = exam.checkpoint_takers((32,), (2, 5), schedule=5, cache=tmp_path / "takers", max_bytes=20_000)
+    assert list(out) == ["tiny-h32@2", "tiny-h32@5"]
+    a, b = (load_model(str(p), "cpu", torch.float32) for p in out.values())
+    wa = dict(a.named_parameters())
+    assert any(not torch.equal(wa[n], p) for n, p in b.named_parameters())  # the checkpoints differ
+    assert json.loads((out["tiny-h32@5"] / "taker.json").read_text())["step"] == 5
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "takers").rglob("*.safetensors")}
+    again = exam.checkpoint_takers((32,), (2, 5), schedule=5, cache=tmp_path / "takers", max_bytes=20_000)
+    assert again == out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "takers").rglob("*.safetensors")} == stamps  # no retrain
+    cfg = exam.ExamConfig(items="builtin:math", model=[str(out["tiny-h32@2"])], max_new_tokens=4, batch_size=4)
+    rows = exam.run_exam(exam.builtin_math(4), [exam.make_backend(str(out["tiny-h32@2"]), cfg)], cfg)
+    assert len(rows) == 4 and all(r["score"] in (0.0, 1.0) for r in rows)
+    with pytest.raises(LmlabError, match="schedule"):
+        exam.checkpoint_takers((32,), (2, 9), schedule=5, cache=tmp_path / "takers")

@@ -415,3 +415,71 @@ def test_mml_analytic_hessian_matches_finite_differences(missing, sigma):
     H = irt._mml_terms(prm, pat, Kp, cnt, z, w, sigma, bc, hessian=True)[3]
     fd = irt._fd_hessian(lambda q: irt._mml_terms(q, pat, Kp, cnt, z, w, sigma, bc)[1], prm)
     np.testing.assert_allclose(H, fd, atol=1e-5 * np.abs(fd).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quadrature rules and the comparison with girth (benchmarks/irt.py: girth_agreement)
+
+
+def _marginal_loglik(X, b, z, w):
+    """Independent marginal log-likelihood of a Rasch model with θ ~ N(0, 1) on nodes z, weights w."""
+    eta = z[:, None] - np.asarray(b)[None, :]
+    lp = -np.logaddexp(0, -eta)
+    lq = -np.logaddexp(0, eta)
+    L = X @ lp.T + (1 - X) @ lq.T
+    m = L.max(1, keepdims=True)
+    return float((np.log(np.exp(L - m) @ w) + m[:, 0]).sum())
+
+
+def test_legendre_nodes_integrate_the_normal():
+    z, w = irt.legendre_nodes(41, (-4.5, 4.5))
+    assert z.shape == w.shape == (41,) and z.min() > -4.5 and z.max() < 4.5
+    assert w.sum() == pytest.approx(1.0)
+    assert w @ z == pytest.approx(0.0, abs=1e-12) and w @ z ** 2 == pytest.approx(1.0, abs=1e-3)
+    assert w @ z ** 4 == pytest.approx(3.0, abs=2e-2)
+
+
+def test_mml_legendre_maximises_the_marginal_likelihood(lsat):
+    z, w = irt.legendre_nodes(41, (-4.5, 4.5))
+    b = irt.mml_fit(lsat, sigma=1.0, n_nodes=41, quadrature="legendre").b
+    ll = _marginal_loglik(lsat, b, z, w)
+    h = 1e-4
+    for i in range(lsat.shape[1]):  # stationary in every coordinate (central differences of an independent ll)
+        e = np.zeros_like(b)
+        e[i] = h
+        g = (_marginal_loglik(lsat, b + e, z, w) - _marginal_loglik(lsat, b - e, z, w)) / (2 * h)
+        assert abs(g) < 1e-3
+        assert _marginal_loglik(lsat, b + 10 * e, z, w) < ll and _marginal_loglik(lsat, b - 10 * e, z, w) < ll
+    # girth 0.8's fixed-discrimination estimator matches each item's marginal p-value instead; it is a different
+    # point with a lower marginal likelihood
+    from scipy.optimize import brentq
+
+    mom = np.array([brentq(lambda t, p=p: irt.sigmoid(z - t) @ w - p, -20, 20) for p in lsat.mean(0)])
+    assert np.abs(mom - b).max() > 5e-3 and _marginal_loglik(lsat, mom, z, w) < ll - 1e-3
+
+
+def test_mml_quadrature_rules_agree_on_a_short_test(lsat):
+    gh = irt.mml_fit(lsat, sigma=1.0).b
+    leg = irt.mml_fit(lsat, sigma=1.0, n_nodes=41, quadrature="legendre").b
+    np.testing.assert_allclose(gh, leg, atol=1e-3)
+
+
+def test_mml_unknown_quadrature_is_an_error(lsat):
+    from lmlab.config import ConfigError
+
+    with pytest.raises(LmlabError, match="quadrature"):
+        irt.mml_fit(lsat, quadrature="simpson")
+    with pytest.raises(ConfigError, match="quadrature"):
+        irt.IrtFitConfig(matrix="x.csv", method="mml", quadrature="simpson")
+
+
+def test_girth_rasch_mml_is_the_marginal_moment_estimator(lsat):
+    girth = pytest.importorskip("girth")
+    from scipy.optimize import brentq
+
+    z, w = irt.legendre_nodes(41, (-4.5, 4.5))  # girth's default quadrature
+    g = np.asarray(girth.rasch_mml(lsat.T.astype(int), discrimination=1)["Difficulty"], float)
+    mom = np.array([brentq(lambda t, p=p: irt.sigmoid(z - t) @ w - p, -20, 20) for p in lsat.mean(0)])
+    np.testing.assert_allclose(g, mom, atol=2e-4)  # girth: fminbound xtol 1e-4
+    b = irt.mml_fit(lsat, sigma=1.0, n_nodes=41, quadrature="legendre").b
+    assert _marginal_loglik(lsat, b, z, w) > _marginal_loglik(lsat, g, z, w)

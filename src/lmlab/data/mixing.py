@@ -46,7 +46,10 @@ keeps it below ``L_before + tol``.
 Defaults from the paper and its repository: Huber δ = 0.02 for the laws (here soft-L1 ``f_scale = 0.02``);
 nested pipeline: step law fitted on early checkpoints of runs scheduled for the target length, size law over
 the proxy sizes, mixing law on the extrapolated losses; mixtures sampled on the simplex (Dirichlet, or the
-paper's double-diminishing grid).
+paper's double-diminishing grid). As in the repository's pipeline the step-law exponent is shared by the validation
+domains of a run (``--tie_alpha valid``) and the size-law exponent by all mixtures and domains (``--tie_alpha
+all``). Tiny proxies are noisy (seed-to-seed SD 0.05-0.12 nats on the built-in domains), so ``proxy.seeds``
+averages replicate runs before any law is fitted.
 """
 
 from __future__ import annotations
@@ -313,6 +316,67 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, beta_range: tuple[float, floa
     rmse = float(np.sqrt(np.mean((power_law(x, E, B, beta) - y) ** 2)))
     at_bound = bool(E < 1e-6 or beta <= bl * 1.001 or beta >= bh * 0.999)
     return PowerFit(E=E, B=B, beta=beta, rmse=rmse, n=len(y), at_bound=at_bound)
+
+
+def fit_power_laws_tied(xs: list[np.ndarray], ys: list[np.ndarray], *, beta_range: tuple[float, float] = (0.01, 3.0),
+                        f_scale: float = 0.02, loss: str = "soft_l1", what: str = "power law") -> list[PowerFit]:
+    """Fit ``y_g ≈ E_g + B_g x_g^-β`` for G curves with **one shared exponent β** (the paper's repository ties
+    the exponent: ``steplaw.py --tie_alpha valid`` across validation domains of a run, ``sizelaw.py --tie_alpha
+    all`` across mixtures and domains). For a fixed β every curve is a non-negative linear fit in (E_g, B_g),
+    so this is a 1-D profile over β, then a robust polish of all 2G + 1 parameters. xs, ys: G arrays (n_g,)."""
+    from scipy.optimize import least_squares, minimize_scalar, nnls
+
+    xs = [np.asarray(x, float) for x in xs]
+    ys = [np.asarray(y, float) for y in ys]
+    if not xs or len(xs) != len(ys) or any(x.shape != y.shape or x.ndim != 1 for x, y in zip(xs, ys)):
+        raise LmlabError(f"{what}: give matching 1-D x and y arrays per curve")
+    G = len(xs)
+    n = sum(len(np.unique(x)) for x in xs)
+    if any(len(np.unique(x)) < 2 for x in xs) or n < 2 * G + 1:
+        raise LmlabError(f"{what}: {n} distinct points over {G} curves but the tied law has {2 * G + 1} "
+                         f"parameters; need at least {2 * G + 1} (>= 2 per curve)")
+    if any(np.any(x <= 0) for x in xs):
+        raise LmlabError(f"{what}: x must be positive")
+    scale = max(float(x.max()) for x in xs)
+    xs_s = [x / scale for x in xs]
+
+    def prof(beta: float) -> tuple[float, list[np.ndarray]]:
+        tot, coefs = 0.0, []
+        for x, y in zip(xs_s, ys):
+            coef, rn = nnls(np.stack([np.ones_like(x), x ** (-beta)], 1), y)
+            tot += rn ** 2
+            coefs.append(coef)
+        return float(tot), coefs
+
+    bl, bh = beta_range
+    grid = np.exp(np.linspace(math.log(bl), math.log(bh), 64))
+    vals = [prof(b)[0] for b in grid]
+    i = int(np.argmin(vals))
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    b0 = float(minimize_scalar(lambda b: prof(b)[0], bounds=(lo, hi), method="bounded").x)
+    if prof(b0)[0] > vals[i]:
+        b0 = float(grid[i])
+    coefs = prof(b0)[1]
+    p0 = np.concatenate([np.concatenate([[c[0], max(c[1], 1e-12)] for c in coefs]), [b0]])
+    lb = np.array([0.0] * (2 * G) + [bl])
+    ub = np.array([np.inf] * (2 * G) + [bh])
+    p0 = np.clip(p0, lb + 1e-15, ub - 1e-12)
+
+    def resid(q: np.ndarray) -> np.ndarray:
+        return np.concatenate([q[2 * g] + q[2 * g + 1] * x ** (-q[-1]) - y for g, (x, y) in enumerate(zip(xs_s, ys))])
+
+    best = p0
+    if n > 2 * G + 1:
+        best = least_squares(resid, p0, loss=loss, f_scale=f_scale, bounds=(lb, ub), method="trf",
+                             xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=4000).x
+    beta = float(best[-1])
+    out = []
+    for g, (x, y) in enumerate(zip(xs, ys)):
+        E, B = float(best[2 * g]), float(best[2 * g + 1]) * scale ** beta
+        rmse = float(np.sqrt(np.mean((power_law(x, E, B, beta) - y) ** 2)))
+        out.append(PowerFit(E=E, B=B, beta=beta, rmse=rmse, n=len(y),
+                            at_bound=bool(E < 1e-6 or beta <= bl * 1.001 or beta >= bh * 0.999)))
+    return out
 
 
 @dataclass
@@ -789,21 +853,25 @@ def check_proportions(R: np.ndarray, tol: float = 1e-3) -> tuple[np.ndarray, int
 
 
 def nest(runs: Runs, target_steps: float | None = None, target_params: float | None = None,
-         fit_from: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+         fit_from: float = 0.0, tie_steps: bool = False, tie_sizes: bool = False
+         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Paper Alg. 1: per (mixture, size) fit the step law and extrapolate to ``target_steps``; per mixture fit the
     size law across sizes and extrapolate to ``target_params``. Returns ``(R (K, M), Y (K, T), info)`` with one
     row per mixture. Without steps/params columns (or targets), rows are used as they are (last step, largest
-    size)."""
+    size). ``tie_steps``: one step exponent β per (mixture, size) shared by all validation domains (the
+    repository's ``steplaw.py --tie_alpha valid``); ``tie_sizes``: one size exponent α shared by every mixture
+    and domain (``sizelaw.py --tie_alpha all``) - fewer parameters, better-conditioned extrapolation."""
     R, Y = runs.R, runs.Y
     keys = [tuple(np.round(r, 6)) for r in R]
     mix_keys = list(dict.fromkeys(keys))
     steps = runs.steps if runs.steps is not None else np.zeros(len(R))
     params = runs.params if runs.params is not None else np.zeros(len(R))
     sizes = sorted(set(params.tolist()))
-    info: dict[str, Any] = {"step_fits": [], "size_fits": [], "sizes": sizes}
+    info: dict[str, Any] = {"step_fits": [], "size_fits": [], "sizes": sizes, "tie_steps": tie_steps,
+                            "tie_sizes": tie_sizes}
     T = Y.shape[1]
-    out_R, out_Y = [], []
-    for mk in mix_keys:
+    per_mix: list[dict[float, np.ndarray]] = []
+    for mk in mix_keys:  # (1) step law per (mixture, size)
         rows = [i for i, k in enumerate(keys) if k == mk]
         per_size = {}
         for N in sizes:
@@ -814,36 +882,41 @@ def nest(runs: Runs, target_steps: float | None = None, target_params: float | N
             s = steps[idx]
             if runs.steps is not None and target_steps is not None and len(np.unique(s[s >= fit_from])) >= 3:
                 sel = [i for i in idx if steps[i] >= fit_from]
-                vals = []
-                for t in range(T):
-                    pf = fit_power_law(steps[sel], Y[sel, t], what="step law")
-                    vals.append(float(pf.predict(target_steps)))
+                if tie_steps and T > 1:
+                    pfs = fit_power_laws_tied([steps[sel]] * T, [Y[sel, t] for t in range(T)], what="step law")
+                else:
+                    pfs = [fit_power_law(steps[sel], Y[sel, t], what="step law") for t in range(T)]
+                vals = [float(pf.predict(target_steps)) for pf in pfs]
+                for t, pf in enumerate(pfs):
                     info["step_fits"].append({"mixture": list(mk), "params": N, "target": runs.targets[t],
-                                              **pf.to_dict(), "pred": vals[-1]})
+                                              **pf.to_dict(), "pred": vals[t]})
                 per_size[N] = np.array(vals)
             else:
                 per_size[N] = Y[idx[-1]]
-        if runs.params is not None and target_params is not None and len(per_size) >= 3 \
-                and target_params not in per_size:
-            Ns = np.array(sorted(per_size))
-            vals = []
-            for t in range(T):
-                pf = fit_power_law(Ns, np.array([per_size[N][t] for N in Ns]), beta_range=(0.01, 2.0),
-                                   f_scale=0.08, what="size law")
-                vals.append(float(pf.predict(target_params)))
-                info["size_fits"].append({"mixture": list(mk), "target": runs.targets[t], **pf.to_dict(),
-                                          "pred": vals[-1], "x": Ns.tolist(),
-                                          "y": [float(per_size[N][t]) for N in Ns]})
-            y = np.array(vals)
-        elif target_params is not None and target_params in per_size:
-            y = per_size[target_params]
+        per_mix.append(per_size)
+    # (2) size law per mixture (or one exponent for all)
+    extrapolate = runs.params is not None and target_params is not None
+    if extrapolate and all(target_params not in ps for ps in per_mix):
+        if any(len(ps) < 3 for ps in per_mix):
+            raise LmlabError(f"size law needs at least 3 model sizes per mixture, got "
+                             f"{min(len(ps) for ps in per_mix)}")
+        curves = [(k, t, np.array(sorted(ps))) for k, ps in enumerate(per_mix) for t in range(T)]
+        ys = [np.array([per_mix[k][N][t] for N in Ns]) for k, t, Ns in curves]
+        if tie_sizes:
+            pfs = fit_power_laws_tied([Ns for _, _, Ns in curves], ys, beta_range=(0.01, 2.0), f_scale=0.08,
+                                      what="size law")
         else:
-            if runs.params is not None and target_params is not None:
-                raise LmlabError(f"size law needs at least 3 model sizes per mixture, got {len(per_size)}")
-            y = per_size[max(per_size)]
-        out_R.append(np.array(mk))
-        out_Y.append(y)
-    return np.array(out_R), np.array(out_Y), info
+            pfs = [fit_power_law(Ns, y, beta_range=(0.01, 2.0), f_scale=0.08, what="size law")
+                   for (_, _, Ns), y in zip(curves, ys)]
+        out_Y = np.zeros((len(per_mix), T))
+        for (k, t, Ns), y, pf in zip(curves, ys, pfs):
+            out_Y[k, t] = float(pf.predict(target_params))
+            info["size_fits"].append({"mixture": list(mix_keys[k]), "target": runs.targets[t], **pf.to_dict(),
+                                      "pred": out_Y[k, t], "x": Ns.tolist(), "y": y.tolist()})
+    else:
+        out_Y = np.array([ps[target_params] if target_params is not None and target_params in ps
+                          else ps[max(ps)] for ps in per_mix])
+    return np.array([np.array(mk) for mk in mix_keys]), out_Y, info
 
 
 def kfold_predict(R: np.ndarray, y: np.ndarray, folds: int = 4, seed: int = 0, model: str = "law",
@@ -979,6 +1052,10 @@ class LawOptions:
     """Soft-L1 scale of the robust polish (the paper's Huber delta)."""
     implicit_k: int = 0
     """Also fit an implicit-aggregation law on the aggregate loss with this many implicit domains (0: off)."""
+    tie_steps: bool = True
+    """Nested: one step-law exponent per run shared by its validation domains (paper repo: --tie_alpha valid)."""
+    tie_sizes: bool = True
+    """Nested: one size-law exponent shared by all mixtures and domains (paper repo: --tie_alpha all)."""
 
     def __post_init__(self) -> None:
         if self.ridge < 0 or self.f_scale <= 0 or self.implicit_k < 0:
@@ -1119,7 +1196,8 @@ def fit_main(cfg: FitConfig) -> Path:
     if (cfg.target_steps is not None and runs.steps is None) or (cfg.target_params is not None and
                                                                  runs.params is None):
         raise LmlabError("target_steps/target_params need 'steps'/'params' columns in the runs table")
-    R, Y, nest_info = nest(runs, cfg.target_steps, cfg.target_params, cfg.fit_from)
+    R, Y, nest_info = nest(runs, cfg.target_steps, cfg.target_params, cfg.fit_from,
+                               tie_steps=cfg.law.tie_steps, tie_sizes=cfg.law.tie_sizes)
     w = _weights(cfg.weights, len(runs.targets))
     with start_run(cfg, "data-mix-fit") as run:
         t0 = time.perf_counter()
@@ -1344,6 +1422,19 @@ def train_proxy(folder: Path, *, mixture: np.ndarray, hidden: int, layers: int, 
     return rec
 
 
+def average_records(recs: list[dict[str, Any]], domains: list[str]) -> dict[str, Any]:
+    """Average replicate proxy runs (same mixture and size, different seeds) step by step over the steps all
+    replicates evaluated; ``seed_sd`` holds the across-seed standard deviation of each domain's last loss."""
+    if len(recs) == 1:
+        return {**recs[0], "seeds": 1, "seed_sd": None}
+    by = [{e["step"]: e for e in r["evals"]} for r in recs]
+    steps = sorted(set.intersection(*(set(b) for b in by)))
+    evals = [{"step": s, **{d: float(np.mean([b[s][d] for b in by])) for d in domains}} for s in steps]
+    last = steps[-1]
+    sd = {d: float(np.std([b[last][d] for b in by], ddof=1)) for d in domains}
+    return {**recs[0], "evals": evals, "seeds": len(recs), "seed_sd": sd}
+
+
 @dataclass
 class ProxyOptions:
     """The proxy runs (tiny Llama configs trained with the foundation loop)."""
@@ -1372,8 +1463,13 @@ class ProxyOptions:
     """Length of each mixture's training stream (tokens)."""
     save_every: int = 100
     """Checkpoint a proxy every N steps (a killed proxy resumes from there; finished proxies are cached)."""
+    seeds: int = 1
+    """Replicates per proxy (seeds seed, seed+1, ...: init and data order); losses are averaged over them.
+    Tiny proxies are noisy (run-to-run sd 0.05-0.2 nats here), so averaging sharpens every fit."""
 
     def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
         if not self.sizes or any(s < 16 or s % 16 for s in self.sizes):
             raise ConfigError(f"sizes must be multiples of 16 (>= 16), got {self.sizes}")
         if self.steps < 1 or self.eval_every < 1 or self.layers < 1:
@@ -1402,6 +1498,8 @@ class RunConfig(RunArgs):
     """Proxy runs."""
     target_steps: int = 480
     """Steps of the target run (proxies train the first proxy.steps of this schedule)."""
+    step_fit_from: int | None = None
+    """First step the step law is fitted on (null: the end of warm-up; the paper fits 10k-30k of 100k steps)."""
     target_size: int | None = 96
     """Hidden width of the target model (null: the largest proxy size, no size law)."""
     val_weights: list[float] = field(default_factory=list)
@@ -1427,6 +1525,10 @@ class RunConfig(RunArgs):
                               f"parameters per domain; need at least {M + 1 + self.holdout} mixtures")
         if self.holdout < 0 or self.target_steps < self.proxy.steps:
             raise ConfigError("holdout >= 0 and target_steps >= proxy.steps required")
+        last = self.proxy.steps - 2 * self.proxy.eval_every
+        if self.step_fit_from is not None and not 0 <= self.step_fit_from <= last:
+            raise ConfigError(f"step_fit_from must leave >= 3 evaluations before proxy.steps={self.proxy.steps}, "
+                              f"got {self.step_fit_from}")
         if not 0 <= self.min_prop * M < 1:
             raise ConfigError(f"min_prop * domains must be < 1, got {self.min_prop * M}")
         if self.val_weights and len(self.val_weights) != M:
@@ -1494,18 +1596,24 @@ def run_main(cfg: RunConfig) -> Path:
                 "ev": p.eval_windows, "train_tokens": [int(len(s)) for s in streams]}
 
     def proxy(r: np.ndarray, hidden: int, stop: int | None) -> dict[str, Any]:
-        key = _key({**base_key, "r": np.round(r, 8).tolist(), "hidden": hidden})
-        return train_proxy(cache / key, mixture=r, hidden=hidden, layers=p.layers, tok=tok, streams=streams,
-                           vals=vals, opt=proxy_opt, stop_after=stop, stream_tokens=p.stream_tokens, seed=cfg.seed,
-                           eval_windows_n=p.eval_windows, device=dev)
+        recs = []
+        for k in range(p.seeds):  # replicate k uses seed + k (replicate 0 = the single-seed cache entry)
+            key = _key({**base_key, "seed": cfg.seed + k, "r": np.round(r, 8).tolist(), "hidden": hidden})
+            recs.append(train_proxy(cache / key, mixture=r, hidden=hidden, layers=p.layers, tok=tok,
+                                    streams=streams, vals=vals, opt=proxy_opt, stop_after=stop,
+                                    stream_tokens=p.stream_tokens, seed=cfg.seed + k,
+                                    eval_windows_n=p.eval_windows, device=dev))
+        return average_records(recs, names)
 
     with start_run(cfg, "data-mix-run", device=dev, dtype=dtype, threads=threads,
                    extra_meta={"data": data_meta}) as run:
         t0 = time.perf_counter()
-        rows = []
+        rows, sds = [], []
         jobs = [(i, h) for h in p.sizes for i in range(len(R))]
         for i, h in tqdm(jobs, desc="proxy runs", unit="run"):
             rec = proxy(R[i], h, p.steps)
+            if rec["seed_sd"] and h == max(p.sizes):
+                sds.append([rec["seed_sd"][d] for d in names])
             for e in rec["evals"]:
                 if e["step"] > 0:
                     rows.append({"mixture": i, **{f"r_{d}": float(v) for d, v in zip(names, R[i])},
@@ -1528,8 +1636,9 @@ def run_main(cfg: RunConfig) -> Path:
                     Y=np.array([[r[f"loss_{d}"] for d in names] for r in rows]),
                     steps=np.array([r["steps"] for r in rows], float),
                     params=np.array([r["params"] for r in rows], float))
-        fit_from = max(p.warmup, p.eval_every)
-        Rn, Yn, nest_info = nest(runs, cfg.target_steps, float(tgt_params), fit_from=fit_from)
+        fit_from = cfg.step_fit_from if cfg.step_fit_from is not None else max(p.warmup, p.eval_every)
+        Rn, Yn, nest_info = nest(runs, cfg.target_steps, float(tgt_params), fit_from=fit_from,
+                                 tie_steps=cfg.law.tie_steps, tie_sizes=cfg.law.tie_sizes)
         order = [int(np.argmin(np.abs(Rn - r).sum(1))) for r in R]
         Rn, Yn = Rn[order], Yn[order]
 
@@ -1545,8 +1654,18 @@ def run_main(cfg: RunConfig) -> Path:
                 f = fit_mix_law(R[:k_fit], meas[:k_fit, t], ridge=cfg.law.ridge, f_scale=cfg.law.f_scale)
                 pred_h[:, t] = guarded_predict(f, R[k_fit:], clip_margin=cfg.law.clip_margin)[0]
             rel = np.abs(pred_h - meas[k_fit:]) / meas[k_fit:]
+            loo = np.zeros_like(meas)  # leave-one-out over all K mixtures: a split-free view of the same error
+            for i in range(len(R)):
+                m = np.arange(len(R)) != i
+                for t in range(M):
+                    f = fit_mix_law(R[m], meas[m, t], ridge=cfg.law.ridge, f_scale=cfg.law.f_scale)
+                    loo[i, t] = guarded_predict(f, R[i:i + 1], clip_margin=cfg.law.clip_margin)[0][0]
+            loo_rel = np.abs(loo - meas) / meas
             held = {"fit_mixtures": k_fit, "holdout_mixtures": cfg.holdout, "size": largest, "steps": p.steps,
-                    "mean_abs_rel_error": float(rel.mean()),
+                    "mean_abs_rel_error": float(rel.mean()), "loo_mean_abs_rel_error": float(loo_rel.mean()),
+                    "loo_per_domain_mare": {d: float(loo_rel[:, t].mean()) for t, d in enumerate(names)},
+                    "seeds": p.seeds, "seed_sd": ({d: float(v) for d, v in zip(names, np.mean(sds, 0))}
+                                                  if sds else None),
                     "per_domain_mare": {d: float(rel[:, t].mean()) for t, d in enumerate(names)},
                     "per_domain_mae": {d: mae(pred_h[:, t], meas[k_fit:, t]) for t, d in enumerate(names)},
                     "predicted": pred_h.tolist(), "measured": meas[k_fit:].tolist()}
@@ -1621,7 +1740,8 @@ def run_main(cfg: RunConfig) -> Path:
                     step_err = {"fit_steps": [quarter[0]["step"], quarter[-1]["step"]], "predicted": step_pred,
                                 "measured": measured, "rel_error": abs(step_pred - measured) / measured}
                 ver[name] = {"measured": measured, "predicted": pred, "rel_error": abs(pred - measured) / measured,
-                             "per_domain": {d: last[d] for d in names}, "step_law_from_quarter": step_err}
+                             "per_domain": {d: last[d] for d in names}, "step_law_from_quarter": step_err,
+                             "seeds": rec["seeds"], "seed_sd": rec["seed_sd"]}
             ver["optimum_beats_uniform"] = ver["optimum"]["measured"] <= ver["uniform"]["measured"]
             results["verification"] = ver
         results["seconds"] = round(time.perf_counter() - t0, 1)

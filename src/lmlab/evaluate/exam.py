@@ -846,6 +846,79 @@ def matrix_main(cfg: MatrixConfig) -> Path:
 # tour
 
 
+TAKER_SIZES = (64, 128)
+"""Hidden widths of the tour's trained exam takers (tiny Llamas, 2 layers, heads of 32 dims)."""
+TAKER_STEPS = (150, 400, 1000)
+"""Training steps at which each taker is saved (one schedule of max(steps); earlier ones are its checkpoints)."""
+
+
+def checkpoint_takers(sizes: tuple[int, ...] = TAKER_SIZES, steps: tuple[int, ...] = TAKER_STEPS, *,
+                      schedule: int = max(TAKER_STEPS), domain: str = "math", layers: int = 2, seed: int = 0,
+                      device: Any = "cpu", cache: str | Path | None = None, max_bytes: int = 1_000_000
+                      ) -> dict[str, Path]:
+    """Real exam takers of several sizes and training stages, for a Rasch population of actual models.
+
+    Each size is one tiny Llama trained from scratch on the built-in ``domain`` corpus with the foundation loop
+    (:func:`lmlab.core.pretrain.train`, batch 8 x 128 tokens, lr 3e-3, cosine over ``schedule`` steps); at every
+    step in ``steps`` (<= schedule) the model is saved as an HF folder (with the reference tokenizer), so takers
+    differ by size and by training stage. Everything is cached under ``<lmlab cache>/exam_takers`` (a saved
+    checkpoint is never retrained; a killed run resumes from its last trainer checkpoint). Returns
+    ``{name: folder}``, names like ``tiny-h64@400``; folders are valid exam MODEL specs."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lmlab.core.corpus import cache_dir
+    from lmlab.core.pretrain import OptimConfig, train
+    from lmlab.core.runs import atomic_write
+    from lmlab.core.zoo import _special_ids, reference_tokenizer, token_streams, tokenizer_hash
+
+    steps = tuple(sorted(set(int(s) for s in steps)))
+    if not steps or steps[0] < 1 or steps[-1] > schedule or not sizes or any(h < 32 or h % 32 for h in sizes):
+        raise LmlabError(f"checkpoint takers: steps must be in [1, schedule={schedule}] and sizes multiples of 32, "
+                         f"got {steps}, {sizes}")
+    tok = reference_tokenizer()
+    opt = OptimConfig(steps=schedule, batch_size=8, seq_len=128, lr=3e-3, warmup=50, eval_every=0,
+                      save_every=100, log_every=10 ** 9)
+    root = Path(cache) if cache else cache_dir() / "exam_takers"
+    out: dict[str, Path] = {}
+    ids = None
+    for h in sizes:
+        key = hashlib.sha256(json.dumps({"h": h, "layers": layers, "domain": domain, "seed": seed, "max_bytes":
+                                         max_bytes, "tok": tokenizer_hash(tok), "opt": dataclasses.asdict(opt)},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / f"h{h}-{key}"
+        todo = [n for n in steps if not (folder / f"step{n}" / "config.json").is_file()]
+        if todo:
+            if ids is None:
+                ids = token_streams(tok, domain, max_bytes, seed=seed)[0]
+            torch.manual_seed(seed)
+            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=h, num_hidden_layers=layers,
+                              num_attention_heads=max(1, h // 32), num_key_value_heads=max(1, h // 32),
+                              intermediate_size=4 * h, max_position_embeddings=512, tie_word_embeddings=True)
+            for k, v in _special_ids(tok).items():
+                setattr(cfg, k, v)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)
+            for n in steps:  # resume=True: each call continues from the trainer checkpoint of the previous one
+                st = train(model, ids, None, opt, seed=seed, ckpt_dir=folder / "checkpoint", resume=True,
+                           stop_after=n, progress=False)
+                if n in todo and st.step != n:  # the trainer checkpoint is past n (a step folder was removed)
+                    log.warning("exam taker h%d: cannot rebuild step %d (trainer is at %d); skipped", h, n, st.step)
+                elif n in todo:
+                    tmp = folder / f".step{n}.tmp"
+                    model.save_pretrained(tmp)
+                    tok.save_pretrained(tmp)
+                    atomic_write(tmp / "taker.json", json.dumps({"hidden": h, "layers": layers, "step": n,
+                                                                 "domain": domain, "seed": seed}))
+                    tmp.rename(folder / f"step{n}")
+                log.info("exam taker h%d: step %d saved", h, n)
+        for n in steps:
+            if (folder / f"step{n}" / "config.json").is_file():
+                out[f"tiny-h{h}@{n}"] = folder / f"step{n}"
+    return out
+
+
 def simulated_takers(b: Any, seed: int = 0) -> dict[str, Any]:
     """Noisy simulated exam takers on items of difficulty b: Rasch-consistent at several abilities, one
     difficulty-invariant (p = 0.6 everywhere) and one flattened (σ(0.3 (θ - b))). Returns {name: 0/1 array}."""
@@ -863,8 +936,16 @@ def simulated_takers(b: Any, seed: int = 0) -> dict[str, Any]:
 
 
 def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
-    """Exam on the built-in math items with the reference models plus simulated takers -> Rasch (CML) fit ->
-    Wright map, model characteristic curves and the D1/D2 detectors."""
+    """Exam on the built-in math items with the reference models, tiny trained takers at several sizes and
+    checkpoints (cached; quick: hidden 64 at steps 150/400, --full: hidden 64/128 at 150/400/1000) plus simulated
+    takers -> Rasch (CML) fit -> Wright map, model characteristic curves and the D1/D2 detectors."""
+    sizes, steps = (TAKER_SIZES, TAKER_STEPS) if cfg.full else (TAKER_SIZES[:1], TAKER_STEPS[:2])
+    return tour_exam(cfg, out, taker_sizes=sizes, taker_steps=steps)
+
+
+def tour_exam(cfg: Any, out: Path, taker_sizes: tuple[int, ...] = (), taker_steps: tuple[int, ...] = (),
+              taker_schedule: int = max(TAKER_STEPS)) -> tuple[Path, str]:
+    """The tour's exam + IRT section with an explicit trained-taker grid (:func:`checkpoint_takers`; empty: none)."""
     import numpy as np
 
     from lmlab.core import zoo
@@ -881,6 +962,14 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
     with start_run(RunArgs(out=str(out), device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.threads),
                    "tour-exam-irt", device=dev, dtype=dtype, threads=threads) as run:
         backends = [make_backend(s, ecfg, dev, dtype) for s in specs]
+        t_train = time.time()
+        takers = checkpoint_takers(taker_sizes, taker_steps, schedule=taker_schedule, seed=cfg.seed,
+                                   device=dev) if taker_sizes and taker_steps else {}
+        t_train = time.time() - t_train
+        for name, path in takers.items():
+            be = make_backend(str(path), ecfg, dev, dtype)
+            be.name = name
+            backends.append(be)
         t0 = time.time()
         rows = run_exam(items, backends, ecfg)
         wall = time.time() - t0
@@ -916,6 +1005,7 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
         summ = summarize([r for r in rows if not r.get("simulated")])
         d1 = diag["sources"]["human"]["d1"]
         results = {"items": n_items, "exam_items_per_s": round(len(items) * len(backends) / max(wall, 1e-9), 2),
+                   "takers": {k: str(v) for k, v in takers.items()}, "taker_train_seconds": round(t_train, 1),
                    "models": {k: {"rate": v["rate"]} for k, v in summ.items()},
                    "fit": {"n_items": fit["n_items"], "dropped": {k: len(v) for k, v in fit["dropped"].items()},
                            "reliability": fit["reliability"],
@@ -927,7 +1017,8 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
                    "source_correlations": diag["source_correlations"]}
         run.finish(results)
     lines = [f"Built-in math exam: {n_items} fill-in items; reference models {', '.join(specs) or '(none built)'} "
-             f"+ 6 simulated takers; CML Rasch on {fit['n_items']} non-extreme items "
+             f"+ {len(takers)} trained takers (sizes x checkpoints, cached) + 6 simulated takers; "
+             f"CML Rasch on {fit['n_items']} non-extreme items "
              f"({sum(len(v) for v in fit['dropped'].values())} extreme dropped)."]
     for k, v in summ.items():
         lines.append(f"{k}: score rate {v['rate']:.3f}, θ = {results['fit']['theta'].get(k, float('nan')):+.2f}")

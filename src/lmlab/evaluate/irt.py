@@ -20,7 +20,8 @@ Estimators (all pure NumPy/SciPy functions below; persons x items matrices, NaN 
   Newton on the sum-zero space b_L = -Σ_{i<L} b_i; SE = sqrt(diag(T (T'(-H)T)^-1 T')). ESFs are computed in
   rescaled linear space (row-normalised after every item, log scale carried), so hundreds of items are safe.
   Missing data: one ESF set per missingness pattern. Persons with extreme raw scores carry no information.
-* **MML** (marginal ML; ltm::rasch): θ = σ z, z ~ N(0, 1), Gauss-Hermite with 21 nodes (probabilists'),
+* **MML** (marginal ML; ltm::rasch): θ = σ z, z ~ N(0, 1), Gauss-Hermite with 21 nodes (probabilists'; or
+  girth's Gauss-Legendre rule on [-4.5, 4.5] with ``quadrature="legendre"``),
   σ free or fixed; identical response patterns collapsed; L-BFGS with analytic gradient, observed-information
   SEs (finite differences of the analytic gradient). Also reported in ltm's parameterisation
   Dffclt = b/σ, Dscrmn = σ. Binomial cells (K samples) use x ~ Binomial(K, σ(θ - b)).
@@ -557,6 +558,23 @@ def gh_nodes(n: int = 21) -> tuple[np.ndarray, np.ndarray]:
     return z, w / w.sum()
 
 
+def legendre_nodes(n: int = 41, bounds: tuple[float, float] = (-4.5, 4.5)) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes z on ``bounds`` with weights w ∝ w_legendre · φ(z) (Σ w = 1): girth's quadrature
+    (``quadrature_n`` 41, ``quadrature_bounds`` (-4.5, 4.5), N(0, 1) pdf), for like-for-like comparisons."""
+    from scipy.special import roots_legendre
+
+    x, wl = roots_legendre(n)
+    lo, hi = bounds
+    half = (hi - lo) / 2
+    z = half * (np.real(x) + 1) + lo
+    w = half * wl * np.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
+    return z, w / w.sum()
+
+
+QUADRATURES = {"gauss-hermite": lambda n, bounds: gh_nodes(n), "legendre": legendre_nodes}
+"""MML quadrature rules: Gauss-Hermite (ltm's, the default) or Gauss-Legendre on a bounded range (girth's)."""
+
+
 @dataclass
 class MMLResult:
     b: np.ndarray
@@ -646,9 +664,10 @@ def _mml_terms(params: np.ndarray, pat: np.ndarray, Kp: np.ndarray, cnt: np.ndar
     return ll, g, post, H
 
 
-def mml_fit(X: Any, K: Any = 1.0, sigma: float | None = None, n_nodes: int = 21, tol: float = 1e-10
-            ) -> MMLResult:
-    """Rasch MML with θ ~ N(0, σ²) (σ free, or fixed to ``sigma``); binomial cells with K trials."""
+def mml_fit(X: Any, K: Any = 1.0, sigma: float | None = None, n_nodes: int = 21, tol: float = 1e-10,
+            quadrature: str = "gauss-hermite", bounds: tuple[float, float] = (-4.5, 4.5)) -> MMLResult:
+    """Rasch MML with θ ~ N(0, σ²) (σ free, or fixed to ``sigma``); binomial cells with K trials.
+    ``quadrature``: ``gauss-hermite`` (ltm's; default) or ``legendre`` on ``bounds`` (girth's rule)."""
     from scipy.special import gammaln
 
     X = as_matrix(X)
@@ -659,7 +678,9 @@ def mml_fit(X: Any, K: Any = 1.0, sigma: float | None = None, n_nodes: int = 21,
     xx = np.where(obs, pat, 0.0)
     kk = np.where(obs, Kp, 0.0)
     bc = (gammaln(kk + 1) - gammaln(xx + 1) - gammaln(kk - xx + 1)).sum(1)
-    z, w = gh_nodes(n_nodes)
+    if quadrature not in QUADRATURES:
+        raise LmlabError(f"unknown quadrature {quadrature!r}; choose from {sorted(QUADRATURES)}")
+    z, w = QUADRATURES[quadrature](n_nodes, bounds)
     s = np.nansum(X, 0)
     n = np.where(np.isnan(X), 0.0, Kb).sum(0)
     p0 = np.clip(s / np.maximum(n, 1e-12), 0.02, 0.98)
@@ -700,7 +721,8 @@ def mml_fit(X: Any, K: Any = 1.0, sigma: float | None = None, n_nodes: int = 21,
     peak = float(np.average(post.max(1), weights=cnt))
     if peak > 0.8:  # posteriors narrower than the node spacing: fixed Gauss-Hermite under-resolves them
         warnings.warn(f"MML: {n_nodes} quadrature nodes are too coarse for this test length (mean posterior "
-                      f"mass on one node {peak:.2f}); raise nodes (e.g. 61) or use CML", stacklevel=2)
+                      f"mass on one node {peak:.2f}); raise nodes, use quadrature='legendre' (41 nodes on [-4.5, 4.5] "
+                      "is within 2e-3 of a 401-node fit at 300 items), or use CML", stacklevel=2)
     try:
         cov = np.linalg.inv(-H)
     except np.linalg.LinAlgError:
@@ -1199,7 +1221,9 @@ class IrtFitConfig(RunArgs):
     sigma: float | None = None
     """MML: fix the ability SD (default: free)."""
     nodes: int = 21
-    """MML: Gauss-Hermite nodes."""
+    """MML: quadrature nodes."""
+    quadrature: str = "gauss-hermite"
+    """MML: gauss-hermite (ltm's rule) | legendre (girth's: Gauss-Legendre on [-4.5, 4.5], N(0, 1) weights)."""
     binarize: float | None = None
     """Dichotomise partial-credit values at this fraction of K (e.g. 1.0 = full credit)."""
     plots: bool = True
@@ -1211,6 +1235,8 @@ class IrtFitConfig(RunArgs):
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.nodes < 3:
             raise ConfigError("nodes must be >= 3")
+        if self.quadrature not in QUADRATURES:
+            raise ConfigError(f"quadrature must be one of {sorted(QUADRATURES)}, got {self.quadrature!r}")
 
 
 def _prepare(m: Matrix, binarize: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -1222,7 +1248,7 @@ def _prepare(m: Matrix, binarize: float | None) -> tuple[np.ndarray, np.ndarray]
 
 
 def fit_matrix(m: Matrix, method: str = "cml", sigma: float | None = None, nodes: int = 21,
-               binarize: float | None = None) -> dict[str, Any]:
+               binarize: float | None = None, quadrature: str = "gauss-hermite") -> dict[str, Any]:
     """Everything ``eval irt fit`` computes, as a JSON-able dict (items, persons, fit, dropped, tests)."""
     X, K = _prepare(m, binarize)
     binary = bool(np.all(K == 1)) and np.all(np.isin(X[~np.isnan(X)], (0.0, 1.0)))
@@ -1262,7 +1288,7 @@ def fit_matrix(m: Matrix, method: str = "cml", sigma: float | None = None, nodes
     elif method == "mml":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = mml_fit(Xi, Ki, sigma=sigma, n_nodes=nodes)
+            res = mml_fit(Xi, Ki, sigma=sigma, n_nodes=nodes, quadrature=quadrature)
         for w in caught:
             log.warning("%s", w.message)
         out["warnings"] = [str(w.message) for w in caught]
@@ -1464,7 +1490,8 @@ def fit_main(cfg: IrtFitConfig) -> Path:
     if not cfg.matrix:
         raise ConfigError("give a response matrix (matrix.json / run dir / CSV)")
     m = load_matrix(cfg.matrix)
-    res = fit_matrix(m, cfg.method, cfg.sigma, cfg.nodes, cfg.binarize)  # validate (raises) before the run dir
+    # fitting first validates (and raises) before the run dir exists
+    res = fit_matrix(m, cfg.method, cfg.sigma, cfg.nodes, cfg.binarize, cfg.quadrature)
     with start_run(cfg, "eval-irt-fit") as run:
         run.save_json("irt.json", {**res, "matrix": str(cfg.matrix)})
         if cfg.plots and cfg.method != "pcm":
