@@ -61,6 +61,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,10 +271,24 @@ class PowerFit:
         return dataclasses.asdict(self)
 
 
+def _profile_argmin(sse: Callable[[float], float], beta_range: tuple[float, float], n_grid: int) -> float:
+    """Exponent minimising a profiled SSE: a log-spaced grid over ``beta_range``, then a bounded 1-D refinement
+    between the best grid point's neighbours (kept only if it improves on the grid)."""
+    from scipy.optimize import minimize_scalar
+
+    bl, bh = beta_range
+    grid = np.exp(np.linspace(math.log(bl), math.log(bh), n_grid))
+    vals = [sse(b) for b in grid]
+    i = int(np.argmin(vals))
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    b0 = float(minimize_scalar(sse, bounds=(lo, hi), method="bounded").x)
+    return b0 if sse(b0) <= vals[i] else float(grid[i])
+
+
 def fit_power_law(x: np.ndarray, y: np.ndarray, *, beta_range: tuple[float, float] = (0.01, 3.0),
                   f_scale: float = 0.02, loss: str = "soft_l1", what: str = "power law") -> PowerFit:
     """Fit ``y ≈ E + B x^-β`` with E, B ≥ 0: profile over β (linear in E, B), then robust polish."""
-    from scipy.optimize import least_squares, minimize_scalar, nnls
+    from scipy.optimize import least_squares, nnls
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.ndim != 1 or x.shape != y.shape:
@@ -291,13 +306,7 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, beta_range: tuple[float, floa
         return float(rn ** 2), coef
 
     bl, bh = beta_range
-    grid = np.exp(np.linspace(math.log(bl), math.log(bh), 48))
-    vals = [prof(b)[0] for b in grid]
-    i = int(np.argmin(vals))
-    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    b0 = float(minimize_scalar(lambda b: prof(b)[0], bounds=(lo, hi), method="bounded").x)
-    if prof(b0)[0] > vals[i]:
-        b0 = float(grid[i])
+    b0 = _profile_argmin(lambda b: prof(b)[0], beta_range, 48)
     (E0, B0) = prof(b0)[1]
 
     def resid(p: np.ndarray) -> np.ndarray:
@@ -324,7 +333,7 @@ def fit_power_laws_tied(xs: list[np.ndarray], ys: list[np.ndarray], *, beta_rang
     the exponent: ``steplaw.py --tie_alpha valid`` across validation domains of a run, ``sizelaw.py --tie_alpha
     all`` across mixtures and domains). For a fixed β every curve is a non-negative linear fit in (E_g, B_g),
     so this is a 1-D profile over β, then a robust polish of all 2G + 1 parameters. xs, ys: G arrays (n_g,)."""
-    from scipy.optimize import least_squares, minimize_scalar, nnls
+    from scipy.optimize import least_squares, nnls
 
     xs = [np.asarray(x, float) for x in xs]
     ys = [np.asarray(y, float) for y in ys]
@@ -349,13 +358,7 @@ def fit_power_laws_tied(xs: list[np.ndarray], ys: list[np.ndarray], *, beta_rang
         return float(tot), coefs
 
     bl, bh = beta_range
-    grid = np.exp(np.linspace(math.log(bl), math.log(bh), 64))
-    vals = [prof(b)[0] for b in grid]
-    i = int(np.argmin(vals))
-    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    b0 = float(minimize_scalar(lambda b: prof(b)[0], bounds=(lo, hi), method="bounded").x)
-    if prof(b0)[0] > vals[i]:
-        b0 = float(grid[i])
+    b0 = _profile_argmin(lambda b: prof(b)[0], beta_range, 64)
     coefs = prof(b0)[1]
     p0 = np.concatenate([np.concatenate([[c[0], max(c[1], 1e-12)] for c in coefs]), [b0]])
     lb = np.array([0.0] * (2 * G) + [bl])
