@@ -87,7 +87,15 @@ def test_circuits_command(ref_zoo, tmp_path, model):
     res = json.loads((run / "results.json").read_text())
     assert res["induction_gain"] == pytest.approx(res["loss_first"] - res["loss_second"])
     obo = res["off_by_one"]
-    assert len(next(iter(obo["accuracy"].values()))) == 3
+    assert obo["offsets"] == [0, 1, 2] and len(obo["layers"]) == res["n_layers"]
+    key = "B" if model == "ref:mamba" else "k"
+    assert obo["key_channel"] == key and len(obo["layers"][0]["probe_accuracy"][key]) == 3
+    if model == "ref:dense":  # attention writes a token's k/v at its own position only
+        assert obo["key_peak_offset"] == [0] * res["n_layers"]
+    pp = res["path_patching"]
+    assert pp["top_path"]["path"] in pp["paths"] and all(abs(v) < 50 for v in pp["paths"].values())
+    assert pp["normalized"] == (pp["loss_corrupt"] - pp["loss_clean"] > 0.1)
+    assert (run / "plots" / "path_patching.png").is_file()
     if model == "ref:dense":
         assert len(res["induction_scores"]) == 2 and len(res["induction_scores"][0]) == 4
         assert (run / "plots" / "induction_scores.png").is_file()
