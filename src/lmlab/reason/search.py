@@ -743,7 +743,7 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
     """Reasoning: SFT a tiny policy on a majority-wrong teacher, then accuracy vs test-time compute per method.
 
     Quick: 4-digit addition, 250 SFT steps, oracle (gold) PRM, 100 problems, N in 1, 4, 16. Full: 6 digits,
-    600 SFT steps, a PRM trained on 10k gold-labelled policy solutions, 300 problems, N up to 64."""
+    1500 SFT steps, a PRM trained on 10k gold-labelled policy solutions, 300 problems, N up to 64."""
     from lmlab.core.runs import start_run
     from lmlab.core.runtime import setup
     from lmlab.reason.policy import LMPolicy, build_task, demonstrations, load_lm, rollout, sft, split_problems
@@ -751,7 +751,7 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
 
     dev, dtype, threads = setup(cfg.seed, cfg.device, cfg.dtype, cfg.threads)
     full = bool(getattr(cfg, "full", False))
-    digits, steps, n_test, budgets = (6, 600, 300, [1, 4, 16, 64]) if full else (4, 250, 100, [1, 4, 16])
+    digits, steps, n_test, budgets = (6, 1500, 300, [1, 4, 16, 64]) if full else (4, 250, 100, [1, 4, 16])
     sub = RunArgs(out=str(out), device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     task = build_task("column_add", digits, q_sys=0.6, q_rand=0.03)
     with start_run(sub, "tour-reason", device=dev, dtype=dtype, threads=threads) as run:
