@@ -130,6 +130,7 @@ SECTIONS: dict[str, Callable[[TourConfig, Path], tuple[Path, str]]] = {
     "data_mix": _lazy("lmlab.data.mixing:tour_section"),
     "comments": _lazy("lmlab.data.comments:tour_section"),
     "moe": _lazy("lmlab.train.moe:tour_section"),
+    "anygpt": _lazy("lmlab.train.anygpt.model:tour_section"),
 }
 """Tour sections in report order. Each capability adds its own (kept short; ``--full`` for the long run)."""
 
