@@ -102,7 +102,8 @@ COMMANDS: list[Leaf] = [
          "feature geometry and splitting between a small and a large SAE of one hook point (cosines, splits, PCA map)",
          ("small", "large")),
     Leaf("reason rl", "lmlab.reason.learn:main", "lmlab.reason.learn:RLConfig",
-         "search -> learn loop: expert iteration (RFT), GRPO, RLOO, DPO; per-round datasets + checkpoints, resumable",
+         "search -> learn loop: expert iteration (RFT), GRPO, RLOO, PPO (value model + GAE), DPO, step-DPO; "
+         "PRM-shaped rewards, PRM retraining; per-round datasets + checkpoints, resumable",
          ("policy",)),
     Leaf("compress bitstack", "lmlab.compress.bitstack:main", "lmlab.compress.bitstack:BitStackConfig",
          "BitStack: decompose a model into sorted ~1-bit residual blocks (one artifact, any size)", ("model",)),

@@ -188,7 +188,7 @@ def test_rl_loop_other_algos(noisy_policy, tmp_path, algo):
     assert len(res["history"]) == 2 and (run / "rounds" / "r01" / "preference.jsonl").is_file()
 
 
-@pytest.mark.parametrize("kw,msg", [({"algo": "ppo"}, "algo"), ({"rounds": 0}, ">= 1"), ({"filter": "x"}, "filter"),
+@pytest.mark.parametrize("kw,msg", [({"algo": "ppox"}, "algo"), ({"rounds": 0}, ">= 1"), ({"filter": "x"}, "filter"),
                                     ({"grpo": L.GRPOParams(num_generations=1)}, "num_generations")])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -221,5 +221,5 @@ def test_cli_leaf_row(noisy_policy, tmp_path, capsys):
                          "20", "--grpo-steps", "1", "--n-test", "5", "--eval-k", "2", "--out", str(out),
                          "grpo.num_generations=4", "grpo.prompts_per_step=4", "grpo.loss_type=dapo"])
     assert rc == 0 and (out / "rounds" / "r01" / "done.json").is_file()
-    assert run_leaf(leaf, [str(noisy_policy), "--algo", "ppo"]) == 2
+    assert run_leaf(leaf, [str(noisy_policy), "--algo", "ppox"]) == 2
     assert "algo must be one of" in capsys.readouterr().err
