@@ -48,13 +48,13 @@ def greedy_acc(model, tok, task, test) -> float:
     return sum(task.check(p, r[0]) for p, r in zip(test, g)) / len(test)
 
 
-def get_policy_and_prm(cache: Path, shared: Path):
+def get_policy_and_prm(cache: Path, shared: Path, policy_name: str = "policy_noisy", prm_name: str = "gold10k"):
     from lmlab.reason.policy import LMPolicy, build_task, demonstrations, load_lm, rollout, save_lm, sft, split_problems
     from lmlab.reason.reward import RewardModel, RMScorer, load_rm, save_rm, train_rm
 
     for root in (shared, cache):
-        if (root / "policy_noisy" / "model.safetensors").is_file():
-            model, tok = load_lm(str(root / "policy_noisy"))
+        if (root / policy_name / "model.safetensors").is_file():
+            model, tok = load_lm(str(root / policy_name))
             break
     else:
         task = build_task("column_add", 6, q_sys=0.6, q_rand=0.03)
@@ -63,10 +63,10 @@ def get_policy_and_prm(cache: Path, shared: Path):
         torch.manual_seed(0)
         model, tok = load_lm("tiny")
         sft(model, tok, prompts, comps, steps=600, batch_size=128, lr=3e-3, warmup=100)
-        save_lm(model, tok, cache / "policy_noisy")
+        save_lm(model, tok, cache / policy_name)
     for root in (shared, cache):
-        if (root / "gold10k" / "rm.json").is_file():
-            rm, rtok = load_rm(root / "gold10k")
+        if (root / prm_name / "rm.json").is_file():
+            rm, rtok = load_rm(root / prm_name)
             return model, tok, RMScorer(rm, rtok)
     task = build_task("column_add", 6)
     train, _ = split_problems(task, 12_000, 300, 0)
@@ -75,7 +75,7 @@ def get_policy_and_prm(cache: Path, shared: Path):
     rm = RewardModel.from_policy(model)
     train_rm(rm, tok, probs, sols, [[float(x) for x in task.step_labels(p, s)] for p, s in zip(probs, sols)],
              steps=300)
-    save_rm(rm, tok, cache / "gold10k", {"label": "gold", "n": len(probs)})
+    save_rm(rm, tok, cache / prm_name, {"label": "gold", "n": len(probs)})
     return model, tok, RMScorer(rm, tok)
 
 
@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--dpo-nll", type=float, default=0.0, help="L7: NLL weight on chosen (RPO); 0 = plain DPO")
     ap.add_argument("--l6-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy-name", default="policy_noisy",
+                    help="cached noisy policy folder (reason_search.py names: policy_noisy = 600 SFT steps, "
+                         "policy_noisy_sft1500 = 1500)")
+    ap.add_argument("--prm-name", default="gold10k", help="cached gold PRM folder (e.g. gold10k_sft1500_rm300)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -112,7 +116,7 @@ def main() -> None:
     cache, out = Path(args.cache), Path(args.out)
     cache.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base, tok, prm = get_policy_and_prm(cache, Path(args.shared_cache))
+    base, tok, prm = get_policy_and_prm(cache, Path(args.shared_cache), args.policy_name, args.prm_name)
     task = build_task("column_add", 6)
     train, test = split_problems(task, 3 * args.n_train, args.n_test, 0)
     res: dict = {"n_test": args.n_test, "init_greedy": greedy_acc(base, tok, task, test)}

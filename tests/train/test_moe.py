@@ -102,14 +102,14 @@ def test_batch_prioritized_routing_keeps_confident_tokens():
 # Fill-in
 
 
-def test_fill_in_leaves_no_padding_while_candidates_remain():
+def test_fill_in_next_leaves_no_padding_while_candidates_remain():
     torch.manual_seed(0)
     E, k = 8, 1
     for trial in range(5):
         logits = torch.randn(3, 40, E) * (1 + trial)
         cap = capacity(40, E, k + 1, 1.0 * k / (k + 1))
         assert cap == capacity(40, E, k, 1.0)
-        r = route(logits, k, cap, fill_in=True)
+        r = route(logits, k, cap, fill_in=True, fill_from="next")
         used = torch.zeros(3, E, dtype=torch.long)
         used.scatter_add_(1, r.idx.reshape(3, -1), r.keep.reshape(3, -1).long())
         assert (used <= cap).all()
@@ -128,12 +128,67 @@ def test_fill_in_leaves_no_padding_while_candidates_remain():
                     assert kept_scores.min() >= lost_scores.max()
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("priority", ["own", "top1", "position"])
+def test_fill_in_all_leaves_no_padding_when_enough_tokens(k, priority):
+    """The paper's FR: every vacant slot of every expert is filled with the best not-yet-assigned tokens."""
+    torch.manual_seed(10 + k)
+    W, S, E = 3, 40, 8
+    bias = torch.linspace(0, 6, E)  # a skewed router: low experts get few top-k picks -> much padding
+    logits = torch.randn(W, S, E) + bias
+    valid = torch.ones(W, S, dtype=torch.bool)
+    valid[2, 5:] = False  # group 2 has only 5 real tokens: fewer than C for some experts
+    cap = capacity(S, E, k, 1.0)
+    plain = route(logits, k, cap, valid=valid)
+    r = route(logits, k, cap, fill_in=True, filler_priority=priority, valid=valid)
+    assert r.idx.shape[-1] == E
+    # the top-k choices are routed exactly as without Fill-in
+    assert torch.equal(r.keep[..., :k], plain.keep) and torch.equal(r.slot[..., :k], plain.slot)
+    used = torch.zeros(W, E, dtype=torch.long).scatter_add_(1, r.idx.reshape(W, -1), r.keep.reshape(W, -1).long())
+    assert (used <= cap).all()
+    # slots are unique per (group, expert)
+    for w in range(W):
+        for e in range(E):
+            sl = r.slot[w][(r.idx[w] == e) & r.keep[w]]
+            assert sl.unique().numel() == sl.numel()
+    n_valid = valid.sum(1)
+    for w in range(W):
+        for e in range(E):
+            # no padding while a token exists that is not yet assigned to e: used == min(C, #valid tokens)
+            assert used[w, e] == min(cap, int(n_valid[w])), (w, e)
+    assert plain.keep.sum() < r.keep.sum()  # the test case really had padding to fill
+    if priority == "own":  # kept fillers of an expert outscore every unkept candidate of it
+        for w in range(W):
+            for e in range(E):
+                is_f = (r.idx[w, :, k:] == e) & valid[w, :, None]
+                kept = r.gate[w, :, k:][is_f & r.keep[w, :, k:]]
+                lost = r.gate[w, :, k:][is_f & ~r.keep[w, :, k:]]
+                if kept.numel() and lost.numel():
+                    assert kept.min() >= lost.max()
+
+
+def test_fill_in_layer_pads_nothing_and_next_does():
+    """Layer level, skewed router at cf 1: fill_from=all leaves 0 padding; the top-(k+1) variant cannot."""
+    x = torch.randn(2, 32, 8)
+    for k in (1, 2):
+        pads = {}
+        for mode in ("all", "next"):
+            m = layer(top_k=k, rectify=("fill-in",), fill_from=mode)
+            with torch.no_grad():
+                m.router.weight.mul_(0).add_(torch.linspace(-3, 3, 8)[:, None] * torch.ones(8, 8) / 8)
+            y = m(x)
+            pads[mode] = rates(m.stats)["pad_rate"]
+            y.square().sum().backward()
+            assert m.router.weight.grad.abs().sum() > 0
+        assert pads["all"] == 0.0 and pads["next"] > 0.05, pads
+
+
 def test_fill_in_only_takes_vacant_slots():
     torch.manual_seed(1)
     logits = torch.randn(2, 32, 8)
     cap = capacity(32, 8, 2, 0.5)
     top1 = route(logits, 1, capacity(32, 8, 1, 1.0))
-    fr = route(logits, 1, cap, fill_in=True)
+    fr = route(logits, 1, cap, fill_in=True, fill_from="next")
     # the first choices are placed exactly as top-1 at cf 1 places them
     assert torch.equal(fr.keep[..., 0], top1.keep[..., 0]) and torch.equal(fr.slot[..., 0], top1.slot[..., 0])
     # fillers sit only in slots >= the expert's first-choice load
@@ -159,7 +214,7 @@ def test_top2_at_half_capacity_equals_top1_at_full():
     assert torch.allclose(g1, g2, atol=1e-7)
     # layer level: FR top-1 at cf 1 (fillers in position order) IS top-2 at cf 0.5, outputs and gradients
     x = torch.randn(2, 12, 8)
-    fr = layer(top_k=1, rectify=("fill-in",), filler_priority="position")
+    fr = layer(top_k=1, rectify=("fill-in",), filler_priority="position", fill_from="next")
     t2 = layer(top_k=2, capacity_factor=0.5)
     outs = []
     for m in (fr, t2):
@@ -298,6 +353,7 @@ def test_straight_through_top1_forward_weight_is_one():
     ({"router": "rectify", "rectify": ["local"]}, "unknown rectification"),
     ({"nproc": 2, "ranks": 4}, "nproc (2) must be 1"),
     ({"dropless": True, "router": "rectify"}, "dropless"),
+    ({"fill_from": "top3"}, "fill_from must be one of"),
 ])
 def test_bad_input_is_one_clear_error(kw, msg):
     with pytest.raises(ConfigError, match=None) as e:

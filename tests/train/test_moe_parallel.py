@@ -15,6 +15,7 @@ CASES = [
     dict(top_k=1, rectify=("intra-gpu",), capacity_factor=0.5),
     dict(top_k=1, rectify=("fill-in",)),
     dict(top_k=1, rectify=("intra-gpu", "fill-in")),
+    dict(top_k=1, rectify=("intra-gpu", "fill-in"), fill_from="next"),
     dict(top_k=2),
     dict(top_k=2, rectify=("intra-gpu", "fill-in"), unrouted="any"),
     dict(top_k=2, dropless=True),

@@ -39,12 +39,22 @@ Gradient reaches the router through ``p_h`` in the numerator only. A dropped top
 
 Fill-in Rectification (FR)
 --------------------------
-Route top-(k+1) with the capacity factor scaled by k/(k+1) (so C is top-k's). The (k+1)-th choices queue after
-ALL earlier choices, so they only land in slots that would have been padding; among fillers of one expert the
-highest own score goes first (``filler_priority="own"``, the paper's description) or the highest top-1 score
-(``"top1"``, the repository's ``top2gating_shift_priority``). Weights renormalise with a detached denominator.
-With both, a token is unrouted when fewer than k of its k+1 choices were kept (the authors' ``ignore_kth``).
-Identity (tested): top-(k+1) at factor ``cf*k/(k+1)`` places the first k choices exactly as top-k at ``cf``.
+Padding slots are filled with the tokens that have the highest routing scores for that expert. FILLERS queue
+after ALL top-k choices, so they only land in slots that would have been padding (C stays top-k's):
+
+    vac_e   = max(0, C - #top-k assignments to e)                      # vacant slots of expert e
+    cand_e  = {s : e not in top-k(s)}                                  # tokens not yet assigned to e
+    fill_e  = the vac_e best of cand_e by p[s, e]                      # (fill_from="all", default)
+
+so an expert keeps padding only when fewer than C tokens of the group exist for it. ``fill_from="next"`` is the
+authors' config-level approximation: top-(k+1) routing with the capacity factor scaled by k/(k+1), where only a
+token's (k+1)-th choice may fill; experts that few tokens rank (k+1)-th stay padded (measured: 4.7% / 8.2% of
+slots for top-1 / top-2 at cf 1.0 after training, vs 0 with ``all``). Among fillers of one expert the highest own
+score goes first (``filler_priority="own"``, the paper's description), the highest top-1 score (``"top1"``, the
+repository's ``top2gating_shift_priority``) or position. A token may fill several experts; all its kept weights
+renormalise with a detached denominator. With IR, a token is unrouted when fewer than k of its kept choices
+(fillers included) exist (the authors' ``ignore_kth``). Identity (tested): top-(k+1) at factor ``cf*k/(k+1)``
+places the first k choices exactly as top-k at ``cf``.
 
 Defaults (paper configs): capacity factor 1.0 (train = eval), min capacity 0, aux weight 0.01, z-loss 0,
 position-ordered queues (``bpr=False``; ``bpr=True`` sorts by the top-1 score, Tutel/fairseq).
@@ -83,6 +93,7 @@ RECTIFICATIONS = ("intra-gpu", "fill-in")
 """Rectifications of the ``rectify`` router (``--rectify intra-gpu,fill-in``)."""
 UNROUTED = ("any", "all")
 FILLER_PRIORITY = ("own", "top1", "position")
+FILL_FROM = ("all", "next")
 EPS = 1e-9
 
 
@@ -128,34 +139,81 @@ def _queue(mask: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
     return (loc * mask).sum(-1)  # (W, S)
 
 
-def route(logits: torch.Tensor, k: int, cap: int, *, fill_in: bool = False, bpr: bool = False,
-          filler_priority: str = "own", valid: torch.Tensor | None = None) -> Routing:
+def expert_counts(idx: torch.Tensor, weight: torch.Tensor, E: int) -> torch.Tensor:
+    """Assignments per choice and expert without a one-hot: idx (W, S, K), weight (W, S) or (W, S, K) -> (W, K, E)."""
+    W, S, K = idx.shape
+    wt = (weight[..., None] if weight.dim() == 2 else weight).expand(W, S, K).to(torch.long)
+    return torch.zeros(W, K, E, dtype=torch.long, device=idx.device).scatter_add_(2, idx.transpose(1, 2),
+                                                                               wt.transpose(1, 2))
+
+
+def fill_all_ranks(probs: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, key: str) -> torch.Tensor:
+    """Queue position of every (token, expert) pair among that expert's FILLER candidates.
+
+    probs (W, S, E); first (W, S, k) the top-k experts (not candidates for themselves); valid (W, S). A candidate
+    of expert e is every valid token that did not choose e in its top-k; candidates are ranked by their own
+    score p[s, e] (``own``), their top-1 score (``top1``) or position. Returns (W, S, E) 0-based ranks
+    (non-candidates rank after all candidates).
+    """
+    W, S, E = probs.shape
+    cand = valid[..., None].expand(W, S, E).clone()
+    cand.scatter_(2, first, False)  # (W, S, E)
+    if key == "own":
+        score = probs.detach()
+    elif key == "top1":
+        score = probs.detach().max(-1, keepdim=True).values.expand(W, S, E)
+    else:  # position: earlier first
+        score = -torch.arange(S, device=probs.device, dtype=probs.dtype)[None, :, None].expand(W, S, E)
+    score = torch.where(cand, score, torch.full_like(score, -math.inf))
+    order = torch.argsort(score, dim=1, descending=True, stable=True)  # (W, S, E) tokens per expert, best first
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(S, device=probs.device)[None, :, None].expand(W, S, E))
+    return ranks  # (W, S, E)
+
+
+def route(logits: torch.Tensor, k: int, cap: int, *, fill_in: bool = False, fill_from: str = "all",
+          bpr: bool = False, filler_priority: str = "own", valid: torch.Tensor | None = None) -> Routing:
     """Capacity-based top-k routing (+ Fill-in choices) for W groups: logits (W, S, E) -> :class:`Routing`.
 
     Choice j's slot is its queue position among choice-j tokens plus the count of all choices < j for that
     expert (DeepSpeed ``locations2 += sum(mask1)``), so later choices only take slots earlier ones left free.
-    With ``fill_in`` a (k+1)-th choice is routed the same way (it can only fill vacancies).
+    Fill-in (``fill_in``) queues FILLERS after all top-k choices, so they can only take vacant slots:
+
+    * ``fill_from="all"`` (the paper's rule): every token of the group that did not pick expert e in its top-k is
+      a filler candidate of e, best ``filler_priority`` first; every vacancy is filled while candidates remain.
+      Choices k..E-1 of the returned routing are these fillers (K = E).
+    * ``fill_from="next"`` (the authors' configs, top-(k+1) at cf*k/(k+1)): only each token's (k+1)-th choice
+      may fill (K = k+1); vacancies of experts that few tokens rank (k+1)-th stay padded.
     """
     W, S, E = logits.shape
     if not 1 <= k <= E or (fill_in and k + 1 > E):
         raise ConfigError(f"top-k={k}{' (+1 fill-in)' if fill_in else ''} needs at least that many experts, got {E}")
-    K = k + int(fill_in)
+    if fill_from not in FILL_FROM:
+        raise ConfigError(f"fill_from must be one of {list(FILL_FROM)}, got {fill_from!r}")
+    fill_all = fill_in and fill_from == "all"
+    K = E if fill_all else k + int(fill_in)
     probs = torch.softmax(logits.float(), dim=-1)  # (W, S, E)
-    gate, idx = probs.topk(K, dim=-1)  # (W, S, K)
+    gate, idx = probs.topk(K, dim=-1)  # (W, S, K) choices best first (all E experts sorted for fill_from=all)
     if valid is None:
         valid = torch.ones(W, S, dtype=torch.bool, device=logits.device)
-    onehot = F.one_hot(idx, E) * valid[..., None, None]  # (W, S, K, E) int64
-    counts = onehot.sum(1)  # (W, K, E)
-    offset = counts.cumsum(1) - counts  # (W, K, E) exclusive: assignments of all earlier choices
+    counts = expert_counts(idx, valid, E)  # (W, K, E)
+    n_queued = k if fill_all else K  # choices routed by queue position; fill-all fillers are ranked per expert
+    offset = counts[:, :n_queued].cumsum(1) - counts[:, :n_queued]  # (W, K', E) assignments of earlier choices
     slots = []
-    for j in range(K):
+    for j in range(n_queued):
         if fill_in and j == k:  # fillers: own score (paper), top-1 score (repository) or position first
             key = {"own": gate[..., j], "top1": gate[..., 0], "position": None}[filler_priority]
         else:
             key = gate[..., 0] if bpr else None
-        pos = _queue(onehot[:, :, j], key)  # (W, S)
+        pos = _queue(F.one_hot(idx[:, :, j], E) * valid[..., None], key)  # (W, S)
         slots.append(pos + offset[:, j].gather(1, idx[:, :, j]))  # (W, S)
-    slot = torch.stack(slots, -1)  # (W, S, K)
+    if fill_all:
+        ranks = fill_all_ranks(probs, idx[..., :k], valid, filler_priority)  # (W, S, E)
+        base = counts[:, :k].sum(1)  # (W, E) all top-k assignments (before the cut) queue first
+        fill_slot = ranks + base[:, None, :]  # (W, S, E)
+        slot = torch.cat([torch.stack(slots, -1), fill_slot.gather(2, idx[..., k:])], -1)  # (W, S, E)
+    else:
+        slot = torch.stack(slots, -1)  # (W, S, K)
     keep = (slot < cap) & valid[..., None]
     return Routing(probs, gate, idx, slot, keep, counts)
 
@@ -251,6 +309,7 @@ class MoESettings:
     straight_through: bool = True
     unrouted: str = "any"
     filler_priority: str = "own"
+    fill_from: str = "all"
     bpr: bool = False
 
     def check(self) -> MoESettings:
@@ -272,6 +331,8 @@ class MoESettings:
             raise ConfigError("dropless routing drops and pads nothing: it cannot be combined with rectify")
         if self.unrouted not in UNROUTED:
             raise ConfigError(f"unrouted must be one of {list(UNROUTED)}, got {self.unrouted!r}")
+        if self.fill_from not in FILL_FROM:
+            raise ConfigError(f"fill_from must be one of {list(FILL_FROM)}, got {self.fill_from!r}")
         if self.filler_priority not in FILLER_PRIORITY:
             raise ConfigError(f"filler_priority must be one of {list(FILLER_PRIORITY)}, got {self.filler_priority!r}")
         return self
@@ -298,8 +359,37 @@ class MoELayer(nn.Module):
         self.w_out = nn.Parameter(torch.empty(s.experts, intermediate, hidden))  # (E, f, d)
         self.reset_parameters()
         self.ep: Any = None  # set by moe_parallel.shard_model: (group, rank, world)
-        self.stats: dict[str, Any] = {}
+        self._stats: dict[str, Any] | None = {}
+        self._stats_src: tuple | None = None
         self.aux: torch.Tensor | None = None
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Detached counters of the last forward (:data:`STAT_KEYS`, ``load``, ``demand``, ``aux``, ...)."""
+        if self._stats is None:
+            self._stats = self._count()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, Any]) -> None:
+        self._stats, self._stats_src = value, None
+
+    @torch.no_grad()
+    def _count(self) -> dict[str, Any]:
+        idx, keep, valid, rectified, ir_rows, cap, W, E, k, world, d, esize, aux = self._stats_src
+        dev = keep.device
+        un_all, _ = unrouted_tokens(keep, k, self.s.unrouted)
+        n = valid.sum()
+        return {
+            "tokens": n, "assignments": n * k, "dropped": (~keep[..., :k] & valid[..., None]).sum(),
+            "slots": torch.tensor(W * E * cap, device=dev), "filled": keep.sum(),
+            "fillers": keep[..., k:].sum(), "unrouted": (un_all & valid).sum(), "rectified": rectified,
+            "ir_rows": torch.tensor(ir_rows, device=dev),
+            "load": expert_counts(idx, keep, E).sum((0, 1)),
+            "demand": expert_counts(idx[..., :1], valid, E).sum((0, 1)),
+            "aux": aux, "calls": torch.tensor(1), "capacity": torch.tensor(cap),
+            "a2a_bytes": torch.tensor(2 * W * E * cap * d * esize * (world - 1) / world),
+        }
 
     def reset_parameters(self, std: float = 0.02) -> None:
         for p in (self.router.weight, self.w_in, self.w_out):
@@ -355,9 +445,12 @@ class MoELayer(nn.Module):
                 cap = all_reduce_max(cap, self.ep)
             cap = max(cap, 1)
         else:
-            cf = s.capacity_factor * (k / (k + 1) if fill else 1.0)
-            cap = capacity(S, E, k + int(fill), cf, s.min_capacity)
-        r = route(logits, k, cap, fill_in=fill, bpr=s.bpr, filler_priority=s.filler_priority, valid=valid)
+            if fill and s.fill_from == "next":  # the authors' configs: top-(k+1) at cf * k/(k+1), same C as top-k
+                cap = capacity(S, E, k + 1, s.capacity_factor * k / (k + 1), s.min_capacity)
+            else:
+                cap = capacity(S, E, k, s.capacity_factor, s.min_capacity)
+        r = route(logits, k, cap, fill_in=fill, fill_from=s.fill_from, bpr=s.bpr, filler_priority=s.filler_priority,
+                  valid=valid)
         K = r.idx.shape[-1]
         w = combine_weights(r, k, s.straight_through)  # (W, S, K)
 
@@ -366,9 +459,12 @@ class MoELayer(nn.Module):
         grp = torch.arange(W, device=x.device)[:, None, None].expand(W, S, K).reshape(-1)
         tok = torch.arange(W * S, device=x.device).view(W, S, 1).expand(W, S, K).reshape(-1)[keep]  # (A,)
         pos = ((grp * E + r.idx.reshape(-1)) * cap + r.slot.reshape(-1))[keep]  # (A,)
-        buf = flat.new_zeros(W * E * cap, d).index_put((pos,), flat[tok])  # (W*E*C, d)
+        # gather, not scatter: row r of the buffer reads token src[r] (padding rows read an appended zero row), so
+        # the backward is an index_add instead of an accumulating index_put
+        src = torch.full((W * E * cap,), W * S, dtype=torch.long, device=x.device).index_put_((pos,), tok)
+        buf = torch.cat([flat, flat.new_zeros(1, d)]).index_select(0, src)  # (W*E*C, d)
         y = self._experts(buf.view(W, E, cap, d)).reshape(W * E * cap, d)
-        out = y.new_zeros(W * S, d).index_add(0, tok, y[pos] * w.reshape(-1)[keep, None].to(y.dtype))
+        out = y.new_zeros(W * S, d).index_add(0, tok, y.index_select(0, pos) * w.reshape(-1)[keep, None].to(y.dtype))
 
         rectified = torch.zeros((), device=x.device)
         ir_rows = 0
@@ -410,20 +506,10 @@ class MoELayer(nn.Module):
         self.aux = aux.detach()
         if self.training and torch.is_grad_enabled() and aux.requires_grad:
             out = _AuxGrad.apply(out, aux)
-        with torch.no_grad():
-            kk = r.keep[..., :k]
-            un_all, _ = unrouted_tokens(r.keep, k, s.unrouted)
-            self.stats = {
-                "tokens": valid.sum(), "assignments": valid.sum() * k, "dropped": (~kk & valid[..., None]).sum(),
-                "slots": torch.tensor(W * E * cap, device=x.device), "filled": r.keep.sum(),
-                "fillers": r.keep[..., k:].sum(), "unrouted": (un_all & valid).sum(), "rectified": rectified,
-                "ir_rows": torch.tensor(ir_rows, device=x.device),
-                "load": F.one_hot(r.idx, E).mul(r.keep[..., None]).sum((0, 1, 2)),
-                "demand": F.one_hot(r.idx[..., 0], E).mul(valid[..., None]).sum((0, 1)),
-                "aux": self.aux * (world if self.ep is not None else 1), "calls": torch.tensor(1),
-                "capacity": torch.tensor(cap),
-                "a2a_bytes": torch.tensor(2 * W * E * cap * d * flat.element_size() * (world - 1) / world),
-            }
+        # counters are computed on first read of ``self.stats`` (kept out of the fwd+bwd hot path)
+        self._stats_src = (r.idx, r.keep, valid, rectified, ir_rows, cap, W, E, k, world, d, flat.element_size(),
+                           self.aux * (world if self.ep is not None else 1))
+        self._stats = None
         return out
 
 
@@ -614,6 +700,9 @@ class TrainMoEConfig(RunArgs):
     """IR: a token is unrouted when fewer than k (any) or none (all) of its choices were kept."""
     filler_priority: str = "own"
     """FR: order fillers of an expert by their own score (own), their top-1 score (top1) or position."""
+    fill_from: str = "all"
+    """FR candidates: all (every token not yet assigned to the expert: no padding while tokens remain) | next
+    (only each token's (k+1)-th choice: the authors' top-(k+1) configs)."""
     bpr: bool = False
     """Batch-prioritised routing: queue tokens by top-1 score instead of position."""
     straight_through: bool = True
@@ -662,7 +751,7 @@ class TrainMoEConfig(RunArgs):
                            rectify=ROUTERS[self.router](self.rectify), dropless=self.dropless, groups=self.ranks,
                            min_capacity=self.min_capacity, aux_weight=self.aux_weight, z_weight=self.z_weight,
                            straight_through=self.straight_through, unrouted=self.unrouted,
-                           filler_priority=self.filler_priority, bpr=self.bpr).check()
+                           filler_priority=self.filler_priority, fill_from=self.fill_from, bpr=self.bpr).check()
 
 
 def build(cfg: TrainMoEConfig, vocab_size: int, special: dict[str, int] | None = None) -> Any:
