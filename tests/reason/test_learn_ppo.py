@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_learn import Bandit  # the one-step bandit shared with the GRPO tests
 
 from lmlab.config import ConfigError
 from lmlab.errors import LmlabError
@@ -67,24 +68,6 @@ def test_process_terms_and_token_placement():
     assert spread.tolist() == [[0, 0, 1, 1, 1, 2, 0], [0, 3, 3, 4, 4, 0, 0]]
     ends = L.place_step_values(tok, mask, sols, [[1.0, 2.0], [3.0, 4.0]], spread=False)
     assert ends.tolist() == [[0, 0, 0, 0, 1, 2, 0], [0, 0, 3, 0, 4, 0, 0]]
-
-
-class Bandit:
-    """One-step bandit: reward 1 iff the first generated character is a digit (p ~ 0.1 under a random model)."""
-
-    step_sep, step_chars = "|", 2
-
-    def max_steps(self, p):
-        return 1
-
-    def is_terminal(self, p, steps):
-        return len(steps) >= 1
-
-    def extract_answer(self, p, steps):
-        return steps[0][:-1] if steps and steps[0].endswith("|") else None
-
-    def check(self, p, steps):
-        return bool(steps) and steps[0][:1].isdigit()
 
 
 def test_ppo_step_changes_every_parameter_and_learns_a_bandit():

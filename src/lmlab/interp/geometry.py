@@ -44,7 +44,7 @@ from __future__ import annotations
 import html
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +115,28 @@ class SplitParams:
     """Thresholds of the split detector (see the module docstring)."""
 
     cos_min: float = 0.5
+    """Minimum decoder cosine between a parent and a child."""
     min_share: float = 0.05
+    """A child must fire on at least this fraction of the parent's tokens."""
     min_precision: float = 0.3
+    """A child must fire inside the parent's tokens at least this often."""
     max_overlap: float = 0.2
+    """Maximum overlap coefficient between two children's contexts inside the parent (partition)."""
     min_children: int = 2
+    """Children needed for a split."""
     min_coverage: float = 0.5
+    """The children together must cover at least this fraction of the parent's tokens."""
     min_fires: int = 10
+    """A latent firing on fewer held-out tokens counts as dead (not a parent or child)."""
     candidates: int = 16
+    """Nearest large latents (by decoder cosine) examined per small latent."""
+
+    def __post_init__(self) -> None:
+        if self.min_children < 2 or self.min_fires < 1 or self.candidates < 1:
+            raise ConfigError("split: need min_children >= 2, min_fires >= 1, candidates >= 1")
+        for name in ("cos_min", "min_share", "min_precision", "max_overlap", "min_coverage"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"split.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def detect_splits(W_small: torch.Tensor, W_large: torch.Tensor, fires_small: list[torch.Tensor],
@@ -238,18 +253,8 @@ class GeometryConfig(RunArgs):
     """Model (default: the model_name stored with the SAEs)."""
     tokens: int = 32_768
     """Held-out tokens on which firing sets are compared."""
-    cos_min: float = 0.5
-    """Minimum decoder cosine between a parent and a child."""
-    min_share: float = 0.05
-    """A child must fire on at least this fraction of the parent's tokens."""
-    min_precision: float = 0.3
-    """A child must fire inside the parent's tokens at least this often."""
-    max_overlap: float = 0.2
-    """Maximum overlap coefficient between two children's contexts inside the parent (partition)."""
-    min_children: int = 2
-    """Children needed for a split."""
-    min_coverage: float = 0.5
-    """The children together must cover at least this fraction of the parent's tokens."""
+    split: SplitParams = field(default_factory=SplitParams)
+    """Thresholds of the split detector (``split.cos_min=0.6`` ...)."""
     top: int = 5
     """Nearest large latents reported per small latent."""
     examples: int = 12
@@ -271,15 +276,8 @@ class GeometryConfig(RunArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tokens < 1 or self.min_children < 2 or self.top < 1:
-            raise ConfigError("need tokens >= 1, min_children >= 2, top >= 1")
-        for name in ("cos_min", "min_share", "min_precision", "max_overlap", "min_coverage"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-
-    def split_params(self) -> SplitParams:
-        return SplitParams(self.cos_min, self.min_share, self.min_precision, self.max_overlap, self.min_children,
-                           self.min_coverage)
+        if self.tokens < 1 or self.top < 1:
+            raise ConfigError("need tokens >= 1, top >= 1")
 
 
 def _load_one(path: str, hook: str, what: str) -> Any:
@@ -381,8 +379,8 @@ def main(cfg: GeometryConfig) -> Path:
         codes = {k: rec["codes"][v] for k, v in keys.items()}  # (pos, feat, val) per SAE
         fires = {"small": firing_positions(codes["small"][0], codes["small"][1], small.d_sae),
                  "large": firing_positions(codes["large"][0], codes["large"][1], large.d_sae)}
-        splits = detect_splits(small.W_dec, large.W_dec, fires["small"], fires["large"], cfg.split_params())
-        min_fires = cfg.split_params().min_fires
+        splits = detect_splits(small.W_dec, large.W_dec, fires["small"], fires["large"], cfg.split)
+        min_fires = cfg.split.min_fires
         alive = {k: torch.tensor([f.numel() >= min_fires for f in v]) for k, v in fires.items()}
         geo = geometry_stats(small, large, cfg.seed, cfg.top, alive["small"], alive["large"])  # live latents only
         by_feat = {}
@@ -451,7 +449,7 @@ def main(cfg: GeometryConfig) -> Path:
             "children_histogram": {str(n): sum(1 for s in splits if len(s["children"]) == n)
                                    for n in sorted({len(s["children"]) for s in splits})},
             "splits": splits,
-            "params": vars(cfg.split_params()),
+            "params": vars(cfg.split),
             "pages": {"splits": "splits.html"},
         }
         run.finish(results)
