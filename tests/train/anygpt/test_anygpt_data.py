@@ -184,3 +184,16 @@ def test_text_corpus_split_and_read_digit():
     assert D.read_digit("Seven.") == 7 and D.read_digit("nothing here") is None
     assert [D.read_digit(D.caption(d)) for d in range(10)] == list(range(10))
     assert DIGIT_WORDS[0] == "zero"
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.3])
+def test_stage1_text_replay_is_a_token_share(bpe, share):
+    """``text_replay`` is the plain-text share of stage-1 *tokens* (text documents are much shorter than pairs)."""
+    from lmlab.train.anygpt.model import stage1_docs
+
+    tok = bpe()
+    docs = stage1_docs(tok, _fake_sources(), 400, share, seed=0)
+    n_tok = [(len(D.encode(tok, d)), D.BOT not in d) for d in docs]
+    text = sum(n for n, is_text in n_tok if is_text)
+    assert sum(1 for d in docs if D.BOT in d) == 400
+    assert abs(text / sum(n for n, _ in n_tok) - share) < 0.03
