@@ -160,14 +160,17 @@ def quality(args: argparse.Namespace) -> dict:
             out.setdefault("model_cards", {})[model] = {k: c.get(k) for k in ("params", "steps", "train_tokens")}
         layer = n_layers(load_model(model)) // 2
         hook = f"blocks.{layer}.hook_resid_post"
-        for auxk in (True, False):
-            tag = f"{model.replace(':', '_')}-k{args.k}-{'auxk' if auxk else 'noauxk'}"
+        for auxk in {"both": (True, False), "on": (True,), "off": (False,)}[args.auxk]:
+            tag = f"{model.replace(':', '_')}-k{args.k}-{'auxk' if auxk else 'noauxk'}{args.tag}"
+            cache = args.cache.get(model, str(base / f"cache-{model.replace(':', '_')}"))
             t0 = time.process_time()
             run = main_train(SAETrainConfig(model=model, hooks=[hook], k=args.k, expansion=args.expansion,
                                             tokens=args.tokens, batch_size=args.batch, lr=args.lr, auxk=auxk,
                                             eval_tokens=0, threads=1, out=str(base / f"train-{tag}"),
                                             seq_len=args.seq_len, buffer_tokens=args.buffer,
-                                            cache=str(base / f"cache-{model.replace(':', '_')}")))
+                                            init_b_dec=args.init_b_dec, init_decoder_norm=args.decoder_norm,
+                                            k_anneal=args.k_anneal,
+                                            cache=cache))
             train_cpu = time.process_time() - t0
             ev = main_eval(SAEEvalConfig(sae=[str(run)], tokens=args.eval_tokens, splice="each", threads=1,
                                          out=str(base / f"eval-{tag}"), seq_len=args.seq_len))
@@ -204,9 +207,18 @@ def main() -> None:
     q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--buffer", type=int, default=200_000)
     q.add_argument("--eval-tokens", type=int, default=16_384)
+    q.add_argument("--auxk", choices=("both", "on", "off"), default="both", help="AuxK settings to train")
+    q.add_argument("--init-b-dec", default="zero", help="zero (Llama Scope) | mean | geometric_median")
+    q.add_argument("--decoder-norm", type=float, default=0.5, help="initial decoder row norm")
+    q.add_argument("--k-anneal", type=float, default=0.1, help="fraction of steps for the K annealing")
+    q.add_argument("--tag", default="", help="suffix for the run folders")
+    q.add_argument("--cache", nargs="*", default=[], metavar="MODEL=DIR",
+                   help="reuse an existing activation cache per model (default: OUT/cache-MODEL)")
     q.add_argument("--out", default="runs/bench-sae")
     q.add_argument("--result", default="sae_quality", help="name of the JSON under benchmarks/results/")
     args = ap.parse_args()
+    if args.what == "quality":
+        args.cache = dict(c.split("=", 1) for c in args.cache)
     res = speed(args) if args.what == "speed" else quality(args)
     OUT.mkdir(parents=True, exist_ok=True)
     name = getattr(args, "result", None) or f"sae_{args.what}"

@@ -21,6 +21,8 @@ init ``W_D`` Kaiming-uniform with every decoder row rescaled to norm 0.5, ``W_E 
 Adam(0.9, 0.9999), lr 8e-4, linear warm-up (5000 steps, capped at 10% of the run), constant, then linear
 cool-down over the last 20% to ``0.01 * lr``. AuxK (OpenAI: coefficient 1/32, k_aux = d_in / 2, a latent is
 dead after not firing for ``dead_tokens``) is on by default (``auxk=false`` for the 2024 Llama Scope recipe).
+Beyond the paper (off by default): ``init_b_dec=mean|geometric_median`` starts ``b_D`` at the data centre and
+``b_E = -W_E b_D`` (OpenAI's ``b_pre`` init, i.e. mean-centred inputs at step 0).
 
 After training both the normalization and the decoder norms are folded into the weights, so a saved SAE takes raw
 activations and has unit decoder rows (outputs unchanged, see :meth:`SAE.fold`)::
@@ -96,6 +98,21 @@ def lr_factor(step: int, total_steps: int, warmup: int, cooldown_frac: float = 0
         frac = (step - cool_start) / max(1, total_steps - cool_start)
         return 1.0 - (1.0 - end_ratio) * frac
     return 1.0
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising ``sum_i ||x_i - m||`` for x (N, d) -> (d,)."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(eps)  # (N,)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if (m_new - m).norm() <= eps * (1 + m.norm()):
+            return m_new
+        m = m_new
+    return m
+
+
+B_DEC_INITS = {"zero": None, "mean": lambda x: x.mean(0), "geometric_median": geometric_median}
 
 
 def topk_select(pre: torch.Tensor, k: int, dec_norm: torch.Tensor | None = None
@@ -264,6 +281,16 @@ class SAE(nn.Module):
             self.W_enc.copy_(W.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+        return self
+
+    @torch.no_grad()
+    def init_centre(self, x: torch.Tensor, y: torch.Tensor, centre: Any) -> SAE:
+        """Centre-init (OpenAI ``b_pre``): ``b_D = centre(s_out y)`` and, for an SAE, ``b_E = -b_D W_E`` so that
+        ``h = W_E (x~ - b_D)`` at step 0. x (N, d_in), y (N, d_out) raw activations; call after the scales are set."""
+        c = centre((y.float() * self.scale_out).to(self.b_dec.device))  # (d_out,)
+        self.b_dec.copy_(c)
+        if not self.is_transcoder and self.d_in == self.d_out:
+            self.b_enc.copy_(-(c @ self.W_enc))
         return self
 
     # -- forward -------------------------------------------------------------------------------------------
@@ -579,6 +606,9 @@ class SAETrainConfig(RunArgs):
     """Fraction of steps over which k decays from k_start to k (0: off)."""
     init_decoder_norm: float = 0.5
     """Norm of each decoder row at initialization (W_E = W_D^T)."""
+    init_b_dec: str = "zero"
+    """Decoder-bias init: zero (Llama Scope) | mean | geometric_median (OpenAI/Anthropic: b_D = data centre from the
+    normalization probe, and b_E = -W_E b_D so the first encoder sees centred inputs)."""
     normalize: str = "dataset"
     """Input normalization: dataset (x * sqrt(d) / E||x||, folded after training) | none."""
     topk_by_decoder_norm: bool = True
@@ -629,6 +659,8 @@ class SAETrainConfig(RunArgs):
             raise ConfigError(f"k={self.k} is larger than the dictionary d_sae={self.d_sae}")
         if self.normalize not in ("dataset", "none"):
             raise ConfigError(f"normalize must be dataset|none, got {self.normalize!r}")
+        if self.init_b_dec not in B_DEC_INITS:
+            raise ConfigError(f"init_b_dec must be one of {'|'.join(B_DEC_INITS)}, got {self.init_b_dec!r}")
         if self.lr <= 0 or not 0 <= self.cooldown < 1 or not 0 <= self.k_anneal < 1:
             raise ConfigError("need lr > 0, 0 <= cooldown < 1, 0 <= k_anneal < 1")
         if len(self.betas) != 2:
@@ -747,6 +779,8 @@ def main_train(cfg: SAETrainConfig) -> Path:
                 if cfg.normalize == "dataset":
                     st.sae.scale_in.fill_(dataset_scale(x))
                     st.sae.scale_out.fill_(dataset_scale(y))
+                if cfg.init_b_dec != "zero":
+                    st.sae.init_centre(x, y, B_DEC_INITS[cfg.init_b_dec])
         k_aux = {p: cfg.k_aux or max(1, dims[p[1]] // 2) for p in pairs}  # OpenAI: d / 2
         dead_after = cfg.dead_tokens or max(cfg.batch_size, min(10_000_000, cfg.n_tokens // 20))
         k_start = {p: min(cfg.k_start or max(cfg.k, dims[p[0]] // 2), d_sae[p]) for p in pairs}
