@@ -216,13 +216,15 @@ class ActivationStore:
     """Shuffling buffer over an activation source serving ``{(in, out): (x (B, d_in), y (B, d_out))}``."""
 
     def __init__(self, source: LMActivationSource, pairs: list[tuple[str, str]], buffer_tokens: int = 500_000,
-                 batch_size: int = 4096, seed: int = 0):
+                 batch_size: int = 4096, seed: int = 0, rows: Iterator[dict[str, torch.Tensor]] | None = None):
+        """``rows``: the stream of masked activation rows (default ``source.token_rows()``; under torchrun
+        :func:`lmlab.interp.sae_dist.token_rows`, which splits the LM forwards over ranks)."""
         self.source, self.pairs, self.batch_size = source, list(pairs), batch_size
         self.capacity = max(2 * batch_size, buffer_tokens)
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.buf: dict[str, torch.Tensor] | None = None
         self.read = 0
-        self._rows = source.token_rows()
+        self._rows = rows if rows is not None else source.token_rows()
         self._carry: dict[str, torch.Tensor] | None = None
 
     def skip_sequences(self, n: int) -> None:

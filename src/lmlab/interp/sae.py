@@ -749,9 +749,8 @@ def main_train(cfg: SAETrainConfig) -> Path:
     with start_run(run_cfg, "interp-sae-train", device=dev, dtype=dtype, threads=threads) as run:
         gen = torch.Generator().manual_seed(cfg.seed)
         buffer = min(cfg.buffer_tokens, max(cfg.n_tokens, 2 * cfg.batch_size))
-        store = ActivationStore(source, pairs, buffer_tokens=buffer, batch_size=cfg.batch_size, seed=cfg.seed)
-        if ddp is not None:
-            store._rows = sae_dist.token_rows(source, ddp)
+        store = ActivationStore(source, pairs, buffer_tokens=buffer, batch_size=cfg.batch_size, seed=cfg.seed,
+                                rows=sae_dist.token_rows(source, ddp) if ddp is not None else None)
         states: dict[tuple[str, str], TrainState] = {}
         for p in pairs:
             d_in, d_out = dims[p[0]], dims[p[1]]
