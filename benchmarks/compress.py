@@ -1,6 +1,6 @@
 """Compression benchmark on ref:dense: one bytes-vs-quality table and curve for every method, plus the gates.
 
-    python benchmarks/compress.py [--niter 16] [--sort-samples 4] [--max-tokens 4096]
+    python benchmarks/compress.py [--niter 16] [--sort-samples 16] [--max-tokens 4096]
                                   [--out benchmarks/results/compress.json] [--part all|jra|lowbit|orders]
 
 Methods (all on the same held-out text: the reference corpus' validation split, code/prose/math, bits/byte
@@ -191,12 +191,13 @@ def part_lowbit(args, model, tok, evalset, res: dict) -> None:
                        "bpb": _bpb(base_chunks[name], evalset)})
         print(f"{name}: {acct['bits_per_param']:.3f} bits/param ({quants[-1]['bits_per_param_fp16_zero']:.3f} with "
               f"fp16 zeros), {quants[-1]['bpb']:.4f}", flush=True)
-    variants = [("default: scaled, 32 calib, 4 sort, k=1", {}, "average"),
+    variants = [(f"default: scaled, {args.calib_samples} calib, {args.sort_samples} sort, k=1", {}, "average"),
                 ("greedy order", {}, "greedy"),
                 ("no scaling", {"scale": False}, "average"),
+                ("4 sort", {"sort_samples": 4}, "average"),
                 ("16 sort", {"sort_samples": 16}, "average"),
                 ("128 calib, 16 sort", {"calib_samples": 128, "sort_samples": 16}, "average"),
-                ("no scaling, 16 sort", {"scale": False, "sort_samples": 16}, "average"),
+                ("no scaling, 4 sort", {"scale": False, "sort_samples": 4}, "average"),
                 ("k=2", {"k": 2}, "average")]
     stacks: dict = {}
     rows = []
@@ -339,7 +340,7 @@ def main() -> None:
     ap.add_argument("--model", default="ref:dense")
     ap.add_argument("--niter", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--sort-samples", type=int, default=4)
+    ap.add_argument("--sort-samples", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/compress.json")
