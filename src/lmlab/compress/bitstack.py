@@ -40,7 +40,7 @@ Wang, Bo Wang, Dong Zhang, Yunhua Zhou, Xipeng Qiu (arXiv 2410.23918, ICLR 2025)
    blocks); ``load(STACK, max_memory="3000MiB")`` takes the largest prefix that fits and reads only its blocks.
 
 Defaults of the paper: niter 16, k 16 (4096-wide models), 256 x 2048-token calibration windows, 32 x 2048 sorting
-windows. lmlab's defaults are scaled for CPU (32 x 256 calibration, 8 x 256 sorting windows).
+windows. lmlab's defaults are scaled for CPU (32 x 256 calibration, 16 x 256 sorting windows).
 
 Artifact (a run directory)::
 
