@@ -206,7 +206,7 @@ def main() -> None:
     q.add_argument("--lr", type=float, default=8e-4)
     q.add_argument("--seq-len", type=int, default=256)
     q.add_argument("--buffer", type=int, default=200_000)
-    q.add_argument("--eval-tokens", type=int, default=16_384)
+    q.add_argument("--eval-tokens", type=int, default=131_072)
     q.add_argument("--auxk", choices=("both", "on", "off"), default="both", help="AuxK settings to train")
     q.add_argument("--init-b-dec", default="zero", help="zero (Llama Scope) | mean | geometric_median")
     q.add_argument("--decoder-norm", type=float, default=0.5, help="initial decoder row norm")
