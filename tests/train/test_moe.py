@@ -21,6 +21,7 @@ from lmlab.train.moe import (
     rates,
     route,
     swiglu_experts,
+    swiglu_rows,
     unrouted_tokens,
 )
 
@@ -254,6 +255,24 @@ def test_intra_gpu_processes_every_dropped_token_on_its_group():
     yv = van(x).reshape(2, 16, 8)
     assert torch.count_nonzero(yv[dropped]) == 0 and torch.count_nonzero(y.reshape(2, 16, 8)[dropped].abs().sum(-1)) \
         == dropped.sum()
+
+
+def test_swiglu_rows_equals_one_expert_per_row_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 8, generator=g, requires_grad=True)
+    w_in = torch.randn(4, 8, 12, generator=g, requires_grad=True)
+    w_out = torch.randn(4, 6, 8, generator=g, requires_grad=True)
+    e = torch.tensor([3, 0, 3, 3, 1, 0, 3, 1, 3, 0, 0, 3, 1])  # expert 2 unused, uneven groups
+    y = swiglu_rows(x, e, w_in, w_out)
+    want = torch.stack([swiglu_experts(x[i][None, None], w_in[j][None], w_out[j][None])[0, 0]
+                        for i, j in enumerate(e.tolist())])
+    assert y.shape == (13, 8) and torch.allclose(y, want, atol=1e-5)
+    gy = torch.randn(13, 8, generator=g)
+    grads = torch.autograd.grad(y, (x, w_in, w_out), gy)
+    ref = torch.autograd.grad(want, (x, w_in, w_out), gy)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert grads[1][2].abs().sum() == 0  # an expert no row used gets no gradient
 
 
 def test_intra_gpu_combine_formula_top2():

@@ -274,6 +274,29 @@ def swiglu_experts(buf: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -
     return torch.bmm(F.silu(gate) * up, w_out)  # (E, M, d)
 
 
+def swiglu_rows(x: torch.Tensor, expert: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Each row through its own expert, no capacity: x (U, d), expert (U,) indices into w_in (E, d, 2f) /
+    w_out (E, f, d) -> (U, d).
+
+    One padded bmm over the experts present (rows grouped by expert, each group padded to the largest), with the
+    weights gathered once, so the backward is one ``index_add`` per weight instead of a full-size zero gradient
+    per expert. Intra-GPU Rectification runs its unrouted tokens through this.
+    """
+    U, d = x.shape
+    uniq, grp, cnt = torch.unique(expert, return_inverse=True, return_counts=True)  # (G,), (U,), (G,)
+    G, M = uniq.numel(), int(cnt.max())
+    order = torch.argsort(grp, stable=True)  # (U,) rows grouped by expert
+    start = cnt.cumsum(0) - cnt  # (G,) first sorted position of each group
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(U, device=x.device) - start[grp[order]]  # (U,) position inside its group
+    row = grp * M + slot  # (U,) buffer row of each input row
+    src = torch.full((G * M,), U, dtype=torch.long, device=x.device).index_put_((row,), torch.arange(
+        U, device=x.device))  # buffer row -> input row (U = the appended zero row, padding)
+    buf = torch.cat([x, x.new_zeros(1, d)]).index_select(0, src).view(G, M, d)
+    y = swiglu_experts(buf, w_in.index_select(0, uniq).to(x.dtype), w_out.index_select(0, uniq).to(x.dtype))
+    return y.reshape(G * M, d).index_select(0, row)  # (U, d)
+
+
 class _AuxGrad(torch.autograd.Function):
     """Identity on ``out`` whose backward also seeds d(aux)=1: the router losses train through any loop that
     only back-propagates the LM loss (Megatron-core's ``MoEAuxLossAutoScaler``)."""
@@ -478,14 +501,8 @@ class MoELayer(nn.Module):
             topk_norm = (r.gate * r.keep).sum(-1).detach()  # (W, S)
             ids = un.reshape(-1).nonzero().squeeze(1)  # (U,) unrouted tokens
             if ids.numel():
-                he = h.reshape(-1)[ids]
-                xu = flat[ids]
-                yu = torch.empty_like(xu, dtype=out.dtype)
                 e_lo = 0 if self.ep is None else rank * n_local  # local weights are indexed from 0 under EP
-                for e in he.unique().tolist():
-                    sel = (he == e).nonzero().squeeze(1)
-                    yu[sel] = swiglu_experts(xu[sel][None], self.w_in[e - e_lo][None].to(xu.dtype),
-                                             self.w_out[e - e_lo][None].to(xu.dtype))[0]
+                yu = swiglu_rows(flat[ids], h.reshape(-1)[ids] - e_lo, self.w_in, self.w_out).to(out.dtype)
                 pm = (p_h * m).reshape(-1)[ids]  # (U,) gradient to the router through p_h
                 tn = topk_norm.reshape(-1)[ids]
                 denom = (tn + pm.detach()).clamp(min=EPS)
@@ -1060,5 +1077,5 @@ def tour_section(cfg: Any, out: Path) -> tuple[Path, str]:
 
 __all__ = ["MoELayer", "MoESettings", "ROUTERS", "Routing",
            "TrainMoEConfig", "aux_loss", "capacity", "combine_weights", "local_best", "main", "moe_layers",
-           "rates", "reference_config", "register", "route", "swiglu_experts", "tour_section", "train_variant",
-           "unrouted_tokens", "z_loss"]
+           "rates", "reference_config", "register", "route", "swiglu_experts", "swiglu_rows", "tour_section",
+           "train_variant", "unrouted_tokens", "z_loss"]
