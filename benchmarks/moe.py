@@ -124,6 +124,8 @@ LAYER_SIZES = {  # name -> (tokens, d, f, experts)
     "tiny": (256, 32, 64, 8),  # smoke test
     "lm": (1024, 64, 128, 8),  # one batch (16 x 64 tokens) of the LM grid's MoE layer (d=64, f=128)
     "small": (4096, 128, 256, 8),  # the CPU table
+    "e32": (4096, 128, 64, 32),  # fine-grained experts: E x f constant, more and smaller experts
+    "e64": (4096, 128, 32, 64),
     "medium": (16384, 1024, 3584, 8),
     "mixtral": (8192, 4096, 14336, 8),  # Mixtral-8x7B's block shapes
 }
