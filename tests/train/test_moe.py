@@ -17,6 +17,7 @@ from lmlab.train.moe import (
     aux_loss,
     capacity,
     combine_weights,
+    fill_all_ranks,
     local_best,
     rates,
     route,
@@ -127,6 +128,30 @@ def test_fill_in_next_leaves_no_padding_while_candidates_remain():
                 lost_scores = r.gate[w, cand & ~r.keep[w, :, k], k]
                 if kept_scores.numel() and lost_scores.numel():
                     assert kept_scores.min() >= lost_scores.max()
+
+
+@pytest.mark.parametrize("priority", ["own", "top1", "position"])
+def test_fill_ranks_equal_a_stable_sort_and_top_limit(priority):
+    """Integer order keys reproduce a stable descending argsort, ties included, with and without a top-L limit."""
+    g = torch.Generator().manual_seed(5)
+    W, S, E, k = 2, 64, 8, 1
+    probs = torch.softmax(torch.randint(0, 3, (W, S, E), generator=g).float(), -1)  # many exact ties
+    probs[0, 3] = 0.0  # zero scores tie with each other too
+    valid = torch.ones(W, S, dtype=torch.bool)
+    valid[1, 50:] = False
+    first = probs.topk(k, -1).indices
+    full = fill_all_ranks(probs, first, valid, priority)
+    # reference: the stable argsort of the masked scores
+    cand = valid[..., None].expand(W, S, E).clone().scatter_(2, first, False)
+    score = {"own": probs, "top1": probs.max(-1, keepdim=True).values.expand(W, S, E),
+             "position": -torch.arange(S, dtype=probs.dtype)[None, :, None].expand(W, S, E)}[priority]
+    order = torch.argsort(torch.where(cand, score, torch.full_like(score, -math.inf)), dim=1, descending=True,
+                          stable=True)
+    want = torch.empty_like(order).scatter_(1, order, torch.arange(S)[None, :, None].expand(W, S, E))
+    assert torch.equal(full, want)
+    for limit in (5, 16, 40):
+        lim = fill_all_ranks(probs, first, valid, priority, limit=limit)
+        assert torch.equal(lim[full < limit], full[full < limit]) and (lim[full >= limit] == S).all()
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -147,13 +147,31 @@ def expert_counts(idx: torch.Tensor, weight: torch.Tensor, E: int) -> torch.Tens
                                                                                wt.transpose(1, 2))
 
 
-def fill_all_ranks(probs: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, key: str) -> torch.Tensor:
+def order_keys(score: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """int64 keys that order like ``score`` (float) descending, ties broken by position along ``dim``, earlier first.
+
+    The float32 bits are mapped to an order-preserving int32 (negatives' magnitude bits flipped) and shifted above a
+    32-bit position term, so every key is unique: a descending sort or top-k over them reproduces
+    ``argsort(score, descending=True, stable=True)`` exactly, in any algorithm.
+    """
+    b = score.float().contiguous().view(torch.int32).long()
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)  # IEEE-754 -> monotone integer
+    n = score.shape[dim]
+    shape = [1] * score.dim()
+    shape[dim] = n
+    pos = (n - 1 - torch.arange(n, device=score.device)).view(shape)  # earlier position = larger key
+    return (b << 32) | pos
+
+
+def fill_all_ranks(probs: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, key: str,
+                   limit: int | None = None) -> torch.Tensor:
     """Queue position of every (token, expert) pair among that expert's FILLER candidates.
 
     probs (W, S, E); first (W, S, k) the top-k experts (not candidates for themselves); valid (W, S). A candidate
     of expert e is every valid token that did not choose e in its top-k; candidates are ranked by their own
-    score p[s, e] (``own``), their top-1 score (``top1``) or position. Returns (W, S, E) 0-based ranks
-    (non-candidates rank after all candidates).
+    score p[s, e] (``own``), their top-1 score (``top1``) or position, ties by position. Returns (W, S, E) 0-based
+    ranks (non-candidates rank after all candidates). ``limit``: only the best ``limit`` tokens per expert are ranked
+    (a top-k instead of a sort over S; the rest get rank S), enough when ranks >= limit cannot get a slot.
     """
     W, S, E = probs.shape
     cand = valid[..., None].expand(W, S, E).clone()
@@ -165,9 +183,14 @@ def fill_all_ranks(probs: torch.Tensor, first: torch.Tensor, valid: torch.Tensor
     else:  # position: earlier first
         score = -torch.arange(S, device=probs.device, dtype=probs.dtype)[None, :, None].expand(W, S, E)
     score = torch.where(cand, score, torch.full_like(score, -math.inf))
-    order = torch.argsort(score, dim=1, descending=True, stable=True)  # (W, S, E) tokens per expert, best first
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(S, device=probs.device)[None, :, None].expand(W, S, E))
+    keys = order_keys(score, dim=1)  # (W, S, E) unique per column
+    L = S if limit is None else max(0, min(int(limit), S))
+    if 4 * L <= S:  # few slots to fill: top-L beats a full sort
+        order = torch.topk(keys, L, dim=1).indices  # (W, L, E) best first
+    else:
+        order = torch.argsort(keys, dim=1, descending=True)[:, :L]  # (W, L, E)
+    ranks = torch.full((W, S, E), S, dtype=torch.long, device=probs.device)
+    ranks.scatter_(1, order, torch.arange(L, device=probs.device)[None, :, None].expand(W, L, E))
     return ranks  # (W, S, E)
 
 
@@ -181,7 +204,7 @@ def route(logits: torch.Tensor, k: int, cap: int, *, fill_in: bool = False, fill
 
     * ``fill_from="all"`` (the paper's rule): every token of the group that did not pick expert e in its top-k is
       a filler candidate of e, best ``filler_priority`` first; every vacancy is filled while candidates remain.
-      Choices k..E-1 of the returned routing are these fillers (K = E).
+      Choices k..E-1 of the returned routing are these fillers (K = E), in expert order.
     * ``fill_from="next"`` (the authors' configs, top-(k+1) at cf*k/(k+1)): only each token's (k+1)-th choice
       may fill (K = k+1); vacancies of experts that few tokens rank (k+1)-th stay padded.
     """
@@ -193,7 +216,13 @@ def route(logits: torch.Tensor, k: int, cap: int, *, fill_in: bool = False, fill
     fill_all = fill_in and fill_from == "all"
     K = E if fill_all else k + int(fill_in)
     probs = torch.softmax(logits.float(), dim=-1)  # (W, S, E)
-    gate, idx = probs.topk(K, dim=-1)  # (W, S, K) choices best first (all E experts sorted for fill_from=all)
+    if fill_all:  # top-k best first, then every other expert in index order (no need to sort all E)
+        gate, idx = probs.topk(k, dim=-1)  # (W, S, k)
+        rest = torch.ones(W, S, E, dtype=torch.bool, device=logits.device).scatter_(2, idx, False)
+        others = torch.arange(E, device=logits.device).expand(W, S, E)[rest].view(W, S, E - k)  # (W, S, E-k)
+        gate, idx = torch.cat([gate, probs.gather(2, others)], -1), torch.cat([idx, others], -1)  # (W, S, E)
+    else:
+        gate, idx = probs.topk(K, dim=-1)  # (W, S, K) choices best first
     if valid is None:
         valid = torch.ones(W, S, dtype=torch.bool, device=logits.device)
     counts = expert_counts(idx, valid, E)  # (W, K, E)
@@ -208,7 +237,7 @@ def route(logits: torch.Tensor, k: int, cap: int, *, fill_in: bool = False, fill
         pos = _queue(F.one_hot(idx[:, :, j], E) * valid[..., None], key)  # (W, S)
         slots.append(pos + offset[:, j].gather(1, idx[:, :, j]))  # (W, S)
     if fill_all:
-        ranks = fill_all_ranks(probs, idx[..., :k], valid, filler_priority)  # (W, S, E)
+        ranks = fill_all_ranks(probs, idx[..., :k], valid, filler_priority, limit=cap)  # (W, S, E)
         base = counts[:, :k].sum(1)  # (W, E) all top-k assignments (before the cut) queue first
         fill_slot = ranks + base[:, None, :]  # (W, S, E)
         slot = torch.cat([torch.stack(slots, -1), fill_slot.gather(2, idx[..., k:])], -1)  # (W, S, E)
