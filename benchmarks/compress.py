@@ -488,7 +488,8 @@ def main() -> None:
     gates["sorted_<=_uniform+1e-3_every_budget"] = all(c["sorted"] <= c["uniform"] + 1e-3 for c in compare)
     # the "matched budgets" (spec gate 5): the RTN/GPTQ byte counts; at a level boundary the only
     # configuration that fits is the uniform one, so sorted == uniform there (<=, not <)
-    at_rtn = [c for c in compare if c["budget"] in set(matched)]
+    matched_set = set(matched)
+    at_rtn = [c for c in compare if c["budget"] in matched_set]
     gates["sorted_beats_random_and_<=_uniform_at_rtn_matched_budgets"] = bool(at_rtn) and all(
         c["sorted"] < c["random"] and c["sorted"] <= c["uniform"] + tie for c in at_rtn)
     res["worst_sorted_minus_random"] = max(c["sorted"] - c["random"] for c in compare)

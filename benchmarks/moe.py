@@ -283,6 +283,8 @@ def main() -> None:
     dtype = getattr(torch, "bfloat16" if cuda else "float32") if a.dtype == "auto" else getattr(torch, a.dtype)
     sizes = (["small", "medium", "mixtral"] if cuda else ["small"]) if a.layer_sizes == "auto" else \
         a.layer_sizes.split(",")
+    if set(sizes) - set(LAYER_SIZES):
+        ap.error(f"unknown --layer-sizes {sorted(set(sizes) - set(LAYER_SIZES))}; choose from {list(LAYER_SIZES)}")
     impls = tuple((["eager", "grouped_mm"] if cuda else ["eager"]) if a.hf_impls == "auto" else
                   a.hf_impls.split(","))
     out: dict = {"command": "python benchmarks/moe.py " + " ".join(
